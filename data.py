@@ -1,0 +1,1427 @@
+"""Data: dataset layouts -> records, decode-once cache, batched GPU/CPU augmentation, loaders, statistics.
+
+    records (path, label, bbox)  --decode_cached-->  uint8 (N,C,S,S) memmap  --BatchLoader-->  uint8 batch on device
+        --BatchTransform-->  float32 normalized batch (augmented in one batched pass when training)
+
+Why this shape: decoding a JPEG costs far more than training a small net on it, so every image is decoded,
+preprocessed (squash-resize, grayscale, bbox crop) once into a cache file; each epoch then only reads uint8
+arrays and augments whole batches on the training device with per-sample random parameters. Every batched op
+is the same math as torchvision.transforms.v2.functional (see tests/test_data.py), only vectorised.
+
+CLI:  python data.py stats --data DIR      # mean/std of the train split, for --mean/--std
+      python data.py info --data DIR       # which layout was found, counts, classes
+      python data.py demo OUT_DIR          # synthetic devkit-layout demo set (make_demo_dataset)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+# The reference work's best settings ("Best Model settings" of the study).
+RGB_MEAN = (0.4707, 0.4602, 0.455)
+RGB_STD = (0.2594, 0.2585, 0.2635)
+# Gray defaults: the reference had none (norm_params_gray: None). The mean is the ITU-R 601 luma of RGB_MEAN
+# (exact, luma is linear); the std is the same luma mix of RGB_STD, which slightly overestimates the gray std
+# (channels are correlated, not independent) -- run `python data.py stats --data DIR --grayscale` for exact values.
+GRAY_MEAN = (round(0.299 * RGB_MEAN[0] + 0.587 * RGB_MEAN[1] + 0.114 * RGB_MEAN[2], 4),)
+GRAY_STD = (round(0.299 * RGB_STD[0] + 0.587 * RGB_STD[1] + 0.114 * RGB_STD[2], 4),)
+
+IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+MIN_SIDE = 4  # smaller images are rejected as "too small": nothing recognisable survives the resize
+CACHE_VERSION = 1  # bump when the preprocessing code changes what a cached pixel is
+
+
+class DataError(Exception):
+    """A dataset / option problem the user can fix; the message is one line naming the path and the fix."""
+
+
+class ImageError(Exception):
+    """One image could not be used (missing, unreadable, truncated, not an image, bomb, too small)."""
+
+
+class Record(NamedTuple):
+    path: str
+    label: int
+    bbox: tuple[int, int, int, int] | None  # x1, y1, x2, y2 in the original image's pixels
+
+
+@dataclass
+class DatasetSpec:
+    layout: str  # "devkit" | "all-in-one" | "class-folder" | "imagefolder"
+    root: Path
+    class_names: list[str]
+    train: list[Record]
+    test: list[Record]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout detection
+
+LAYOUTS_HELP = (
+    "devkit (cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+    "cars_test_annos_withlabels.mat); all-in-one (car_ims/, cars_annos.mat, cars_meta.mat); "
+    "class folders (train/<class>/*.jpg, test/<class>/*.jpg, optional names.csv, anno_train.csv, anno_test.csv); "
+    "image folders (train/ plus val/ or test/ with one subfolder per class, or <class>/ folders with --val-split)"
+)
+
+
+def _loadmat(path: Path) -> dict:
+    import scipy.io
+
+    try:
+        return scipy.io.loadmat(str(path), squeeze_me=True)
+    except Exception as e:  # scipy raises a zoo of types for bad files
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e}; re-download or re-extract it") from None
+
+
+def _mat_class_names(path: Path) -> list[str]:
+    m = _loadmat(path)
+    if "class_names" not in m:
+        raise DataError(f"{path} has no 'class_names' field; expected the official cars_meta.mat")
+    return [str(n) for n in np.atleast_1d(m["class_names"]).tolist()]
+
+
+def _mat_annotations(path: Path) -> np.ndarray:
+    m = _loadmat(path)
+    if "annotations" not in m:
+        raise DataError(f"{path} has no 'annotations' field; expected the official annotation .mat")
+    return np.atleast_1d(m["annotations"])
+
+
+def _field(a: Any, name: str, path: Path) -> Any:
+    try:
+        return a[name]
+    except (ValueError, KeyError, IndexError):
+        raise DataError(f"{path}: annotations have no field '{name}'; expected the official struct layout") from None
+
+
+def _bbox_of(a: Any, path: Path) -> tuple[int, int, int, int] | None:
+    names = a.dtype.names or ()
+    if not all(k in names for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")):
+        return None
+    return tuple(int(_field(a, k, path)) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"))  # type: ignore
+
+
+def _check_labels(records: list[Record], n_classes: int, src: Path) -> None:
+    bad = [r for r in records if not 0 <= r.label < n_classes]
+    if bad:
+        raise DataError(f"{src}: class id {bad[0].label + 1} of {Path(bad[0].path).name} is outside 1..{n_classes}; "
+                        "the annotations do not match the class-name file")
+
+
+def _devkit_records(root: Path, mat: Path, img_dir: Path) -> list[Record]:
+    records = []
+    for a in _mat_annotations(mat):
+        fname = str(_field(a, "fname", mat))
+        # labels are 1-based in the .mat (MATLAB), like torchvision we shift to 0-based
+        records.append(Record(str(img_dir / fname), int(_field(a, "class", mat)) - 1, _bbox_of(a, mat)))
+    return records
+
+
+def _find_devkit(root: Path) -> DatasetSpec | None:
+    if not ((root / "cars_train").is_dir() or (root / "devkit").is_dir()):
+        return None
+    need = {
+        "cars_train/": root / "cars_train",
+        "cars_test/": root / "cars_test",
+    }
+    meta = next((p for p in (root / "devkit" / "cars_meta.mat", root / "cars_meta.mat") if p.exists()), None)
+    train_mat = next((p for p in (root / "devkit" / "cars_train_annos.mat", root / "cars_train_annos.mat")
+                      if p.exists()), None)
+    test_mat = next((p for p in (root / "cars_test_annos_withlabels.mat",
+                                 root / "devkit" / "cars_test_annos_withlabels.mat") if p.exists()), None)
+    missing = [k for k, p in need.items() if not p.is_dir()]
+    missing += [k for k, p in (("devkit/cars_meta.mat", meta), ("devkit/cars_train_annos.mat", train_mat),
+                               ("cars_test_annos_withlabels.mat", test_mat)) if p is None]
+    if missing:
+        hint = ""
+        if test_mat is None and (root / "devkit" / "cars_test_annos.mat").exists():
+            hint = " (devkit/cars_test_annos.mat has no labels; the labelled file is cars_test_annos_withlabels.mat)"
+        raise DataError(f"{root} looks like the devkit layout but lacks {', '.join(missing)}{hint}; "
+                        "add the missing files from the official release")
+    names = _mat_class_names(meta)
+    train = _devkit_records(root, train_mat, root / "cars_train")
+    test = _devkit_records(root, test_mat, root / "cars_test")
+    _check_labels(train, len(names), train_mat)
+    _check_labels(test, len(names), test_mat)
+    return DatasetSpec("devkit", root, names, train, test)
+
+
+def _find_all_in_one(root: Path) -> DatasetSpec | None:
+    annos = root / "cars_annos.mat"
+    if not annos.exists():
+        if (root / "car_ims").is_dir():
+            raise DataError(f"{root} has car_ims/ but no cars_annos.mat (the all-in-one layout's labels and boxes); "
+                            "add cars_annos.mat from the official release")
+        return None
+    m = _loadmat(annos)
+    if "class_names" in m:
+        names = [str(n) for n in np.atleast_1d(m["class_names"]).tolist()]
+    elif (root / "cars_meta.mat").exists():
+        names = _mat_class_names(root / "cars_meta.mat")
+    elif (root / "devkit" / "cars_meta.mat").exists():
+        names = _mat_class_names(root / "devkit" / "cars_meta.mat")
+    else:
+        raise DataError(f"{annos} has no class_names and {root / 'cars_meta.mat'} is missing; add cars_meta.mat")
+    if "annotations" not in m:
+        raise DataError(f"{annos} has no 'annotations' field; expected the official cars_annos.mat")
+    train, test = [], []
+    for a in np.atleast_1d(m["annotations"]):
+        rel = str(_field(a, "relative_im_path", annos))
+        r = Record(str(root / rel), int(_field(a, "class", annos)) - 1, _bbox_of(a, annos))
+        (test if int(_field(a, "test", annos)) else train).append(r)
+    _check_labels(train + test, len(names), annos)
+    return DatasetSpec("all-in-one", root, names, train, test)
+
+
+def _images_in(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTS
+                  and not p.name.startswith("."))
+
+
+def _class_dirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [row for row in csv.reader(f) if row and any(c.strip() for c in row)]
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s.strip())
+        return True
+    except ValueError:
+        return False
+
+
+def _read_names_csv(path: Path) -> list[str]:
+    rows = _read_csv_rows(path)
+    if rows and rows[0][0].strip().lower() in {"name", "names", "class", "class_name", "class_names", "label", "id"}:
+        rows = rows[1:]
+    # one column of names, or (id, name)
+    return [(r[1] if len(r) >= 2 and _is_int(r[0]) else ",".join(r)).strip() for r in rows]
+
+
+def _read_anno_csv(path: Path) -> dict[str, tuple[tuple[int, int, int, int], int]]:
+    """fname -> (bbox, 1-based class id); the Kaggle mirror ships these without a header row."""
+    out = {}
+    for i, row in enumerate(_read_csv_rows(path)):
+        if len(row) < 6 or not all(_is_int(c) for c in row[1:6]):
+            if i == 0:
+                continue  # header row
+            raise DataError(f"{path}: line {i + 1} is not 'fname,x1,y1,x2,y2,class'; fix or remove the file")
+        x1, y1, x2, y2, c = (int(v) for v in row[1:6])
+        out[Path(row[0].strip()).name] = ((x1, y1, x2, y2), c)
+    return out
+
+
+def _folder_records(split_dir: Path, class_index: dict[str, int], annos: dict | None,
+                    src: Path) -> tuple[list[Record], int]:
+    records, mismatched = [], 0
+    for d in _class_dirs(split_dir):
+        if d.name not in class_index:
+            raise DataError(f"{d} is not a known class (not in the train folders or names.csv); "
+                            "rename or remove that folder")
+        label = class_index[d.name]
+        for p in _images_in(d):
+            bbox = None
+            if annos is not None and p.name in annos:
+                bbox, cid = annos[p.name]
+                mismatched += cid - 1 != label
+            records.append(Record(str(p), label, bbox))
+    return records, mismatched
+
+
+def _find_class_folder(root: Path, top: Path | None = None) -> DatasetSpec | None:
+    """The popular mirror (train/ test/ class folders + names.csv, anno_*.csv) or any ImageFolder-style set.
+    The CSVs may sit above root, up to `top` (the Kaggle mirror: DIR/names.csv, DIR/car_data/car_data/train/)."""
+    tr = root / "train"
+    te = next((root / n for n in ("test", "val", "valid", "validation") if (root / n).is_dir()), None)
+    search = [root] + [p for p in root.parents if top is not None and (p == top or top in p.parents)]
+
+    def beside(name: str) -> Path:
+        return next((d / name for d in search if (d / name).exists()), root / name)
+
+    names_csv = beside("names.csv")
+    if tr.is_dir():
+        train_dir, has_split = tr, True
+    elif _class_dirs(root) and any(_images_in(d) for d in _class_dirs(root)):
+        train_dir, has_split, te = root, False, None  # one folder of classes: needs --val-split
+    else:
+        return None
+    annos = {s: _read_anno_csv(beside(f"anno_{s}.csv")) for s in ("train", "test") if beside(f"anno_{s}.csv").exists()}
+    mirror = names_csv.exists() or bool(annos)
+    dirs = [d for d in _class_dirs(train_dir) if _images_in(d)]
+    if not dirs:
+        raise DataError(f"{train_dir} has no class subfolders with images; expected {train_dir}/<class>/*.jpg")
+    if names_csv.exists():
+        names = _read_names_csv(names_csv)
+        # a '/' cannot be in a folder name: the mirror writes e.g. "Ram C/V Cargo Van Minivan 2012" as "Ram C-V ..."
+        class_index = {}
+        for i, n in enumerate(names):
+            class_index.setdefault(n, i)
+            class_index.setdefault(n.replace("/", "-"), i)
+    elif "train" in annos:
+        # no names.csv: the class ids in anno_train.csv give the official order of the folders
+        votes: dict[str, dict[int, int]] = {}
+        for d in dirs:
+            for p in _images_in(d):
+                if p.name in annos["train"]:
+                    c = annos["train"][p.name][1]
+                    votes.setdefault(d.name, {}).setdefault(c, 0)
+                    votes[d.name][c] += 1
+        ids = {n: max(v, key=v.get) for n, v in votes.items()}
+        if len(ids) != len(dirs) or len(set(ids.values())) != len(ids):
+            ids = {}
+        if ids:
+            order = sorted(ids, key=ids.get)
+        else:
+            order = [d.name for d in dirs]
+        names = order
+        class_index = {n: i for i, n in enumerate(names)}
+    else:
+        names = [d.name for d in dirs]  # ImageFolder convention: sorted folder names
+        class_index = {n: i for i, n in enumerate(names)}
+    layout = "class-folder" if mirror else "imagefolder"
+    train, bad_train = _folder_records(train_dir, class_index, annos.get("train"), root)
+    test, bad_test = [], 0
+    if te is not None:
+        test, bad_test = _folder_records(te, class_index, annos.get("test"), root)
+    if bad_train + bad_test:
+        warnings.warn(f"{root}: {bad_train + bad_test} images sit in a class folder other than their anno_*.csv "
+                      "class id; the folder was used")
+    spec = DatasetSpec(layout, root, names, train, test)
+    if not has_split:
+        spec.layout = "imagefolder"
+    return spec
+
+
+def find_dataset(data_dir: str | os.PathLike) -> DatasetSpec:
+    """Detect the layout of DIR (or DIR/stanford_cars) and list its train/test records, classes in official order."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist; pass --data DIR (a folder in one of the layouts: "
+                        f"{LAYOUTS_HELP})")
+    candidates = [data_dir / "stanford_cars", data_dir, data_dir / "car_data", data_dir / "car_data" / "car_data"]
+    for root in candidates:
+        if not root.is_dir():
+            continue
+        for finder in (_find_devkit, _find_all_in_one, lambda r: _find_class_folder(r, data_dir)):
+            spec = finder(root)
+            if spec is not None:
+                if not spec.train:
+                    raise DataError(f"{root}: the {spec.layout} layout lists no training images; check the folder")
+                return spec
+    raise DataError(f"no dataset found in {data_dir} (looked in {data_dir} and {data_dir / 'stanford_cars'}); "
+                    f"accepted layouts: {LAYOUTS_HELP}")
+
+
+def make_splits(spec: DatasetSpec, val_split: float = 0.0, seed: int = 0) -> dict[str, list[Record]]:
+    """{"train", "val", "test"}: val is the official test split, or with val_split > 0 a stratified, seeded
+    hold-out of train (so the official test split stays untouched until the end)."""
+    if not 0.0 <= val_split < 1.0:
+        raise DataError(f"--val-split {val_split} must be in [0, 1); e.g. --val-split 0.1")
+    if val_split == 0.0:
+        if not spec.test:
+            raise DataError(f"{spec.root} has no test/val split; pass --val-split 0.1 to hold out part of train")
+        return {"train": list(spec.train), "val": list(spec.test), "test": list(spec.test)}
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, r in enumerate(spec.train):
+        by_class.setdefault(r.label, []).append(i)
+    val_idx: set[int] = set()
+    for label in sorted(by_class):
+        idx = by_class[label]
+        n_val = min(int(round(len(idx) * val_split)), len(idx) - 1)  # keep >= 1 train image per class
+        val_idx.update(rng.permutation(idx)[:n_val].tolist())
+    train = [r for i, r in enumerate(spec.train) if i not in val_idx]
+    val = [r for i, r in enumerate(spec.train) if i in val_idx]
+    if not val:
+        raise DataError(f"--val-split {val_split} holds out no image of {spec.root}; use a larger fraction")
+    return {"train": train, "val": val, "test": list(spec.test)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-image preprocessing (shared by the cache and predict.py)
+
+@dataclass
+class Preprocess:
+    img_size: int = 227
+    grayscale: bool = False
+    crop_bbox: bool = False
+    bbox_margin: float = 0.0  # fraction of the box's width/height added on each side
+    erase_background: bool = False
+    normalize: bool = True
+    mean: tuple[float, ...] = RGB_MEAN
+    std: tuple[float, ...] = RGB_STD
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if self.grayscale and self.mean == RGB_MEAN and self.std == RGB_STD:
+            self.mean, self.std = GRAY_MEAN, GRAY_STD  # the RGB defaults make no sense for one channel
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise DataError(f"--mean/--std need {self.channels} value(s) each for "
+                            f"{'grayscale' if self.grayscale else 'RGB'} images, got {len(self.mean)}/{len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise DataError(f"--std values must be positive, got {list(self.std)}")
+        if self.img_size < MIN_SIDE:
+            raise DataError(f"image size {self.img_size} is too small; use at least {MIN_SIDE}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def cache_key(self) -> dict:
+        """Only what changes the cached pixels (normalization happens later, per batch)."""
+        return {"img_size": self.img_size, "grayscale": self.grayscale, "crop_bbox": self.crop_bbox,
+                "bbox_margin": self.bbox_margin if (self.crop_bbox or self.erase_background) else 0.0,
+                "erase_background": self.erase_background}
+
+
+def _to_mode(img: Image.Image, gray: bool) -> Image.Image:
+    """Any PIL mode -> 'RGB' or 'L' (CMYK, palette, 16-bit, float, 1-bit, alpha)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0  # 16-bit -> 8-bit (65535 -> 255); convert("L") would clip instead of scale
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        # transparent pixels become white (as a viewer shows them) rather than whatever colour hides under alpha=0
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    want = "L" if gray else "RGB"
+    return img if img.mode == want else img.convert(want)
+
+
+def _clamp_box(bbox: Sequence[float], margin: float, w: int, h: int) -> tuple[int, int, int, int] | None:
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    if x2 < x1:
+        x1, x2 = x2, x1
+    if y2 < y1:
+        y1, y2 = y2, y1
+    mx, my = (x2 - x1) * margin, (y2 - y1) * margin
+    x1, y1 = max(0, int(math.floor(x1 - mx))), max(0, int(math.floor(y1 - my)))
+    x2, y2 = min(w, int(math.ceil(x2 + mx))), min(h, int(math.ceil(y2 + my)))
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None  # the box does not overlap this image
+    return x1, y1, x2, y2
+
+
+def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> tuple[np.ndarray, str]:
+    """-> (uint8 array (S, S) or (S, S, 3), note); note is "" or why the box was ignored."""
+    S, note = prep.img_size, ""
+    use_box = bbox is not None and (prep.crop_bbox or prep.erase_background)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            src = Image.open(path)
+        with src:  # everything happens inside: closing the file also frees the decoded pixels
+            w0, h0 = src.size
+            if min(w0, h0) < MIN_SIDE:
+                raise ImageError(f"{path}: too small ({w0}x{h0} pixels, need at least {MIN_SIDE}x{MIN_SIDE})")
+            box = _clamp_box(bbox, prep.bbox_margin, w0, h0) if use_box else None
+            if use_box and box is None:
+                note = f"box {tuple(bbox)} lies outside the {w0}x{h0} image"
+            # JPEG DCT scaling: decode big photos at 1/2, 1/4, 1/8 size while still >= the needed resolution
+            if src.format == "JPEG":
+                bw, bh = (box[2] - box[0], box[3] - box[1]) if (box and prep.crop_bbox) else (w0, h0)
+                src.draft(None, (max(1, math.ceil(S * w0 / bw)), max(1, math.ceil(S * h0 / bh))))
+            src.load()
+            sx, sy = src.size[0] / w0, src.size[1] / h0
+            img = src
+            if not use_box:
+                img = ImageOps.exif_transpose(img)  # phone photos; boxes refer to the stored orientation
+            img = _to_mode(img, prep.grayscale)
+            if box is not None:
+                bx = (int(box[0] * sx), int(box[1] * sy))
+                box_s = bx + (max(bx[0] + 1, round(box[2] * sx)), max(bx[1] + 1, round(box[3] * sy)))
+                if prep.crop_bbox:
+                    img = img.crop(box_s)
+                else:  # erase_background: the car stays where it is, on a plain black canvas
+                    canvas = Image.new(img.mode, img.size, 0)
+                    canvas.paste(img.crop(box_s), box_s[:2])
+                    img = canvas
+            # squash to S x S (aspect not kept), as the reference did with transforms.Resize((227, 227)) on PIL
+            img = img.resize((S, S), Image.BILINEAR)
+            out = np.asarray(img, dtype=np.uint8).copy()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: missing") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (empty, text or unknown format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as e:
+        msg = str(e) or type(e).__name__
+        raise ImageError(f"{path}: unreadable ({'truncated' if 'truncat' in msg.lower() else msg})") from None
+    return out, note
+
+
+def load_image(path: str | os.PathLike, prep: Preprocess, bbox: Sequence[float] | None = None) -> torch.Tensor:
+    """Decode one image exactly as training saw it: uint8 (C, img_size, img_size). Raises ImageError."""
+    a, _ = _load(str(path), prep, bbox)
+    t = torch.from_numpy(a)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode once, cache as a uint8 memmap
+
+@dataclass
+class Decoded:
+    images: Any  # (N, C, H, W) uint8: numpy memmap (read-only) or torch tensor
+    labels: torch.Tensor
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def default_cache_dir() -> Path:
+    """$GHOSTCARS_CACHE, else $XDG_CACHE_HOME/ghostcars, else ~/.cache/ghostcars.
+
+    A per-user cache rather than <data>/.cache: the data folder is often read-only or shared, and the same
+    images are then decoded once per machine, not once per copy of the repo."""
+    if os.environ.get("GHOSTCARS_CACHE"):
+        return Path(os.environ["GHOSTCARS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "ghostcars"
+
+
+def _cache_name(records: Sequence[Record], prep: Preprocess, desc: str) -> tuple[str, dict]:
+    files = []
+    use_box = prep.crop_bbox or prep.erase_background
+    for r in records:
+        try:
+            st = os.stat(r.path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        files.append([os.path.abspath(r.path), size, mtime, list(r.bbox) if (use_box and r.bbox) else None])
+    key = {"version": CACHE_VERSION, "prep": prep.cache_key(), "files": files}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    tag = "".join(c if c.isalnum() else "-" for c in desc)[:24] or "images"
+    return f"{tag}-{len(records)}-{prep.img_size}{'g' if prep.grayscale else ''}-{digest}", key
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(cache_dir: Path, name: str) -> None:
+    """Temp files of builds that were killed (their pid is gone) are deleted; a live build is left alone."""
+    for p in cache_dir.glob(f"{name}.*.tmp*"):
+        try:
+            pid = int(p.name.rsplit(".tmp", 1)[1].split("-")[0])
+        except (ValueError, IndexError):
+            pid = -1
+        if pid != os.getpid() and not _pid_alive(pid):
+            p.unlink(missing_ok=True)
+
+
+def _read_cache(cache_dir: Path, name: str, n_records: int) -> tuple[np.ndarray, dict] | None:
+    meta_p, arr_p = cache_dir / f"{name}.json", cache_dir / f"{name}.npy"
+    if not (meta_p.exists() and arr_p.exists()):
+        return None
+    try:
+        meta = json.loads(meta_p.read_text())
+        arr = np.load(arr_p, mmap_mode="r")
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if (meta.get("complete") is not True or meta.get("n_records") != n_records
+            or list(arr.shape) != meta.get("shape") or arr.dtype != np.uint8):
+        return None
+    return arr, meta
+
+
+def _warn_skipped(skipped: list[tuple[str, str]], n: int, desc: str) -> None:
+    if not skipped:
+        return
+    shown = "; ".join(reason if reason.startswith(p) else f"{p}: {reason}" for p, reason in skipped[:20])
+    more = f"; ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+    warnings.warn(f"{desc or 'images'}: skipped {len(skipped)} of {n} images that cannot be used: {shown}{more}",
+                  stacklevel=3)
+
+
+def decode_cached(records: Sequence[Record], prep: Preprocess, cache_dir: str | os.PathLike | None = None,
+                  workers: int | None = None, desc: str = "") -> Decoded:
+    """Decode every record once (all cores, tqdm) into a uint8 memmap cache; later calls just open it.
+
+    Keyed by file list, sizes, mtimes, boxes and the pixel-changing preprocessing options. The array is written
+    to a temp file and renamed; the .json marker (with "complete": true) is written last, so a build killed at any
+    point is never read: it is rebuilt, and its temp files are removed once its process is gone."""
+    records = list(records)
+    if not records:
+        raise DataError(f"no images to decode{' for ' + desc if desc else ''}; check the dataset folder")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create cache folder {cache_dir} ({e.strerror}); pass --cache-dir to a writable folder")
+    name, _ = _cache_name(records, prep, desc)
+    hit = _read_cache(cache_dir, name, len(records))
+    if hit is None:
+        _remove_stale_temps(cache_dir, name)
+        _build_cache(records, prep, cache_dir, name, workers, desc)
+        hit = _read_cache(cache_dir, name, len(records))
+        if hit is None:
+            raise DataError(f"cache {cache_dir / name}.npy could not be read back; check free space in {cache_dir}")
+    arr, meta = hit
+    kept = meta["kept"]
+    skipped = [tuple(s) for s in meta["skipped"]]
+    _warn_skipped(skipped, len(records), desc)
+    if not kept:
+        raise DataError(f"none of the {len(records)} images{' of ' + desc if desc else ''} could be read "
+                        f"(first: {skipped[0][1]}); check the dataset folder")
+    labels = torch.tensor([records[i].label for i in kept], dtype=torch.long)
+    return Decoded(arr, labels, [records[i].path for i in kept], skipped)
+
+
+def _build_cache(records: list[Record], prep: Preprocess, cache_dir: Path, name: str, workers: int | None,
+                 desc: str) -> None:
+    n, S, C = len(records), prep.img_size, prep.channels
+    tmp_tag = f".tmp{os.getpid()}-{os.urandom(3).hex()}"
+    tmp_arr = cache_dir / f"{name}.npy{tmp_tag}"
+    arr_p, meta_p = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
+    meta_p.unlink(missing_ok=True)  # a stale marker must never vouch for a new array
+    try:
+        out = np.lib.format.open_memmap(tmp_arr, mode="w+", dtype=np.uint8, shape=(n, C, S, S))
+    except OSError as e:
+        raise DataError(f"cannot write cache {tmp_arr} ({e.strerror}); pass --cache-dir to a folder with "
+                        f"{n * C * S * S / 1e9:.1f} GB free")
+    ok = np.zeros(n, dtype=bool)
+    errors: dict[int, str] = {}
+    notes: list[int] = []  # list.append is atomic across threads; `+=` on an int is not
+
+    def work(i: int) -> None:
+        r = records[i]
+        try:
+            a, note = _load(r.path, prep, r.bbox)
+        except ImageError as e:
+            errors[i] = str(e)
+            return
+        if note:
+            notes.append(i)
+        out[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        ok[i] = True
+
+    # threads suffice: PIL releases the GIL while decoding and resizing, and they write straight into the memmap
+    workers = workers or os.cpu_count() or 1
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            futs = [ex.submit(work, i) for i in range(n)]
+            for f in tqdm(as_completed(futs), total=n, desc=f"decoding {desc or 'images'} -> cache",
+                          unit="img", leave=False, disable=n < 200):
+                f.result()
+        kept = np.flatnonzero(ok)
+        if len(kept) < n:  # leave the bad ones out: compact into a second temp file
+            tmp2 = cache_dir / f"{name}.npy{tmp_tag}-c"
+            out2 = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(kept), C, S, S))
+            for s in range(0, len(kept), 256):
+                out2[s:s + 256] = out[kept[s:s + 256]]
+            out2.flush()
+            del out2, out
+            tmp_arr.unlink()
+            tmp_arr = tmp2
+        else:
+            out.flush()
+            del out
+        os.replace(tmp_arr, arr_p)
+        meta = {"complete": True, "n_records": n, "shape": [int(len(kept)), C, S, S], "kept": kept.tolist(),
+                "skipped": [[records[i].path, errors[i]] for i in sorted(errors)], "preprocess": prep.cache_key(),
+                "boxes_outside": len(notes), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp_meta = cache_dir / f"{name}.json{tmp_tag}"
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_p)  # the completion marker, written last
+    finally:
+        for p in cache_dir.glob(f"{name}.*{tmp_tag}*"):
+            p.unlink(missing_ok=True)
+    if notes:
+        warnings.warn(f"{desc or 'images'}: {len(notes)} bounding boxes lie outside their image; "
+                      "the whole image was used", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loader
+
+class BatchLoader:
+    """Batches of uint8 images from a Decoded set, moved to `device`; the next batch is gathered in a background
+    thread (into pinned memory on CUDA) while the current one trains. Order depends only on (seed, epoch)."""
+
+    def __init__(self, decoded: Decoded, batch_size: int, shuffle: bool, drop_last: bool,
+                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size} must be >= 1")
+        self.decoded, self.batch_size, self.shuffle, self.drop_last = decoded, batch_size, shuffle, drop_last
+        self.device, self.seed, self.epoch = torch.device(device), seed, 0
+        self.pin = self.device.type == "cuda"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.decoded)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _order(self) -> np.ndarray:
+        n = len(self.decoded)
+        if not self.shuffle:
+            return np.arange(n)
+        ss = np.random.SeedSequence([self.seed, self.epoch])
+        return np.random.default_rng(ss).permutation(n)
+
+    def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.sort(idx)  # sequential reads from the memmap; the order inside a batch does not matter
+        imgs = self.decoded.images
+        if isinstance(imgs, torch.Tensor):
+            x = imgs[torch.from_numpy(idx)]
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(imgs[idx]))
+        y = self.decoded.labels[torch.from_numpy(idx)]
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def __iter__(self):
+        order = self._order()
+        bs, n = self.batch_size, len(order)
+        stops = range(0, (n // bs) * bs if self.drop_last else n, bs)
+        batches = [order[s:s + bs] for s in stops]
+        if not batches:
+            return
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(self._gather, batches[0])
+            for k in range(len(batches)):
+                x, y = fut.result()
+                if k + 1 < len(batches):
+                    fut = ex.submit(self._gather, batches[k + 1])
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batched augmentation (same math as torchvision.transforms.v2.functional, per-sample parameters)
+
+AUG_NAMES = ("flip", "affine", "jitter", "rotation", "perspective", "resized_crop")
+GEOMETRIC = ("flip", "affine", "rotation", "perspective", "resized_crop")  # applied in this order
+AUG_DEFAULTS: dict[str, dict] = {
+    "flip": {"p": 0.5},
+    # torchvision's defaults: NEAREST for affine/rotation, BILINEAR for perspective/resized crop; fill 0
+    "affine": {"degrees": 25.0, "translate": (0.1, 0.1), "scale": (0.9, 1.1), "shear": 8.0, "interpolation": "nearest"},
+    "jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1},
+    "rotation": {"degrees": 15.0, "interpolation": "nearest"},
+    "perspective": {"p": 0.5, "distortion_scale": 0.5, "interpolation": "bilinear"},
+    "resized_crop": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "interpolation": "bilinear"},
+}
+DEFAULT_AUGMENT = ("flip", "affine", "jitter")  # the reference's best
+ERASE_DEFAULTS = {"p": 0.5, "scale": (0.02, 0.33), "ratio": (0.3, 3.3), "value": 0.0}
+
+
+def _range(v: Any, center: float = 0.0, lo: float | None = None) -> tuple[float, float]:
+    """torchvision's convention: a number d means (center - d, center + d), a pair is taken as is."""
+    if isinstance(v, (int, float)):
+        a, b = center - float(v), center + float(v)
+        return (max(lo, a) if lo is not None else a), b
+    return float(v[0]), float(v[1])
+
+
+def resolve_augment(augment: dict | Sequence[str] | None) -> dict[str, dict]:
+    """Fill in defaults: {"flip": {}} -> {"flip": {"p": 0.5}}; a list of names takes all defaults."""
+    if not augment:
+        return {}
+    if not isinstance(augment, dict):
+        augment = {n: {} for n in augment}
+    out = {}
+    for name, params in augment.items():
+        if name not in AUG_DEFAULTS:
+            raise DataError(f"unknown augmentation '{name}'; choose from: {' '.join(AUG_NAMES)} (or none)")
+        out[name] = {**AUG_DEFAULTS[name], **(params or {})}
+    return out
+
+
+def affine_inverse_matrices(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor,
+                            shear_x: torch.Tensor, shear_y: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) float64 maps output -> input pixel coordinates centred on the image centre, for
+    F.affine(img, angle, (tx, ty), scale, (shear_x, shear_y)) about the centre.
+
+    The forward map is T(translate) . Rot(angle) . Scale . ShearY . ShearX (PIL / torchvision convention);
+    its rotation-shear part has determinant 1, so the inverse is the adjugate divided by the scale."""
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    m = torch.zeros(angle.shape[0], 3, 3, dtype=torch.float64)
+    m[:, 0, 0], m[:, 0, 1] = d / scale, -b / scale
+    m[:, 1, 0], m[:, 1, 1] = -c / scale, a / scale
+    m[:, 0, 2] = -m[:, 0, 0] * tx - m[:, 0, 1] * ty
+    m[:, 1, 2] = -m[:, 1, 0] * tx - m[:, 1, 1] * ty
+    m[:, 2, 2] = 1.0
+    return m
+
+
+def perspective_coefficients(startpoints: torch.Tensor, endpoints: torch.Tensor) -> torch.Tensor:
+    """(B, 8) homography coefficients mapping endpoints -> startpoints (both (B, 4, 2)), like torchvision's
+    _get_perspective_coeffs but as one batched exact 8x8 solve in float64."""
+    B = startpoints.shape[0]
+    e, s = endpoints.to(torch.float64), startpoints.to(torch.float64)
+    A = torch.zeros(B, 8, 8, dtype=torch.float64)
+    ex, ey, sx, sy = e[..., 0], e[..., 1], s[..., 0], s[..., 1]
+    A[:, 0::2, 0], A[:, 0::2, 1], A[:, 0::2, 2] = ex, ey, 1.0
+    A[:, 1::2, 3], A[:, 1::2, 4], A[:, 1::2, 5] = ex, ey, 1.0
+    A[:, 0::2, 6], A[:, 0::2, 7] = -sx * ex, -sx * ey
+    A[:, 1::2, 6], A[:, 1::2, 7] = -sy * ex, -sy * ey
+    rhs = s.reshape(B, 8)
+    return torch.linalg.solve(A, rhs).to(torch.float32)
+
+
+def perspective_matrices(coeffs: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(B, 3, 3) float64 in centred coordinates from torchvision's coefficients, which act on pixel-edge
+    coordinates (x + 0.5): conjugate by the shift between the two frames."""
+    B = coeffs.shape[0]
+    P = torch.ones(B, 9, dtype=torch.float64)
+    P[:, :8] = coeffs.to(torch.float64)
+    P = P.view(B, 3, 3)
+    to_edge = torch.tensor([[1, 0, W / 2], [0, 1, H / 2], [0, 0, 1]], dtype=torch.float64)
+    from_edge = torch.tensor([[1, 0, -W / 2], [0, 1, -H / 2], [0, 0, 1]], dtype=torch.float64)
+    return from_edge @ P @ to_edge
+
+
+def warp(images: torch.Tensor, M: torch.Tensor, mode: str = "nearest",
+         crop: torch.Tensor | None = None) -> torch.Tensor:
+    """One grid_sample for a whole batch. images float (B, C, H, W); M (B, 3, 3) maps output -> input centred
+    pixel coordinates (projective). crop (B, 4) = top, left, height, width of a resized crop applied last: the
+    output is first mapped into the crop (clamped to it, as F.interpolate does at its edges), then through M.
+    Out-of-image pixels are 0; bilinear also multiplies by the warped coverage mask, like torchvision's fill."""
+    B, C, H, W = images.shape
+    dev = images.device
+    M = M.to(torch.float64)
+    xs = torch.linspace((1 - W) * 0.5, (W - 1) * 0.5, W, device=dev).expand(B, W)
+    ys = torch.linspace((1 - H) * 0.5, (H - 1) * 0.5, H, device=dev).expand(B, H)
+    if crop is not None:
+        top, left, ch, cw = (crop[:, k].to(dev, torch.float32)[:, None] for k in range(4))
+        # output centred -> crop-local pixel (F.interpolate, align_corners=False): (x + W/2) * cw/W - 0.5;
+        # separable, so the clamp to the crop is done on the 1-D coordinate vectors
+        xs = torch.minimum(((xs + W / 2) * (cw / W) - 0.5).clamp_min(0), cw - 1)
+        ys = torch.minimum(((ys + H / 2) * (ch / H) - 0.5).clamp_min(0), ch - 1)
+        # crop-local -> centred coordinates of the image before the crop, folded into M
+        shift = torch.eye(3, dtype=torch.float64).repeat(B, 1, 1)
+        shift[:, 0, 2] = crop[:, 1].to(torch.float64) - (W - 1) / 2
+        shift[:, 1, 2] = crop[:, 0].to(torch.float64) - (H - 1) / 2
+        M = M @ shift
+    projective = bool((M[:, 2, :2] != 0).any())
+    # torchvision divides the matrix by (W/2, H/2) before applying it; the same order keeps float rounding equal
+    if not projective:
+        M = M * torch.tensor([2.0 / W, 2.0 / H, 1.0], dtype=torch.float64)[:, None]
+    m = M.to(dev, torch.float32)
+    xs, ys = xs[:, None, :], ys[:, :, None]  # (B, 1, W), (B, H, 1): the grid is a broadcast sum, no bmm
+
+    def row(k: int) -> torch.Tensor:
+        return (m[:, k, 0, None, None] * xs + m[:, k, 2, None, None]) + m[:, k, 1, None, None] * ys
+
+    grid = torch.empty(B, H, W, 2, device=dev)
+    if projective:
+        z = row(2)
+        torch.div(row(0), z, out=grid[..., 0]).mul_(2.0 / W)
+        torch.div(row(1), z, out=grid[..., 1]).mul_(2.0 / H)
+    else:
+        grid[..., 0] = row(0)
+        grid[..., 1] = row(1)
+    if mode == "bilinear":
+        x = torch.cat([images, torch.ones_like(images[:, :1])], 1)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return x[:, :C] * x[:, C:]
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+_GRAY_W = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (r * _GRAY_W[0]).add_(g, alpha=_GRAY_W[1]).add_(b, alpha=_GRAY_W[2]).unsqueeze(1)
+
+
+# The colour ops work on float images in [0, 1] and clamp like torchvision's float kernels. CPU note: in-place
+# ops and no torch.where / remainder / bool-multiplies (several times slower than plain arithmetic on CPU).
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    ch_mean = x.mean(dim=(2, 3))  # the mean of the gray image is the gray of the channel means (linear)
+    if x.shape[1] == 3:
+        mean = ch_mean[:, 0] * _GRAY_W[0] + ch_mean[:, 1] * _GRAY_W[1] + ch_mean[:, 2] * _GRAY_W[2]
+    else:
+        mean = ch_mean[:, 0]
+    f = f.view(-1)
+    return (x * f.view(-1, 1, 1, 1)).add_((mean * (1 - f)).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x  # as torchvision (and PIL): no saturation in a gray image
+    f = f.view(-1, 1, 1, 1)
+    return (x * f).add_(_gray(x).mul_(1 - f)).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by `shift` (fraction of a turn, in [-0.5, 0.5]) per sample, as torchvision's
+    RGB->HSV->RGB, in closed form: S and V do not change, so with k = (6 h' + 5) mod 6 (h' the new hue) the
+    channels are max - (max - min) * trapezoid(k - n), trapezoid(u) = clamp(min(u, 4 - u), 0, 1) for the
+    period-6 hue wheel (red n = 0, green n = 2, blue n = 4). Only arithmetic: on the CPU comparisons, where and
+    remainder are several times slower than a multiply, and this op dominates the colour jitter."""
+    if x.shape[1] == 1:
+        return x  # as torchvision (and PIL): a gray image has no hue
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    delta = maxc - minc
+    # which channel holds the max, as 0/1 floats; ties go to r, then g (torchvision's order). sign(0) = 0
+    not_r = torch.sign(maxc - r)
+    is_r = 1.0 - not_r
+    is_g = (1.0 - torch.sign(maxc - g)).mul_(not_r)
+    is_b = not_r - is_g
+    # hue in sixths of a turn times delta: (g - b) if r is max, (b - r) + 2 delta if g, (r - g) + 4 delta if b
+    h = (g - b).mul_(is_r)
+    h.add_((b - r).add_(delta, alpha=2.0).mul_(is_g))
+    h.add_((r - g).add_(delta, alpha=4.0).mul_(is_b))
+    # gray pixels (delta 0) have h = 0 here; any hue then gives max = min, as in torchvision
+    h.div_(delta.clamp_min(1e-12))
+    h.add_(6.0 * shift.view(-1, 1, 1).to(x.dtype) + 5.0)
+    k = h.sub_(torch.floor(h * (1.0 / 6.0)).mul_(6.0))  # (6 h' + 5) mod 6, in [0, 6)
+    out = torch.empty_like(x)
+    tr = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(delta)
+    torch.sub(maxc, tr, out=out[:, 0])
+    kg = k - 2.0  # in [-2, 4): the trapezoid formula holds on [-2, 6) without another mod
+    tg = torch.minimum(kg, 4.0 - kg).clamp_(0.0, 1.0).mul_(delta)
+    torch.sub(maxc, tg, out=out[:, 1])
+    # blue: k - 4 lies in [-4, 2); use the wheel's symmetry about 2 instead: distance to 2 is min(6 - k, k)
+    tb = torch.minimum(6.0 - k, k).neg_().add_(2.0).clamp_(0.0, 1.0).mul_(delta)
+    torch.sub(maxc, tb, out=out[:, 2])
+    return out
+
+
+_JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                 per_image: bool | None = None) -> torch.Tensor:
+    """factors (B, 4) = brightness, contrast, saturation, hue; order (B, 4) a permutation of 0..3 per sample
+    (torchvision's ColorJitter draws one per call). Slot by slot, each op runs once on the samples that have
+    it in that slot, so the work is that of a fixed order. per_image (default: on the CPU) loops over images
+    instead, which keeps each image's passes in cache."""
+    x = x.clone()
+    order_cpu = order.cpu()
+    if per_image if per_image is not None else x.device.type == "cpu":
+        # CPU: one image at a time in its own order (an image's passes stay in cache; no gather/scatter)
+        for k in range(x.shape[0]):
+            xk = x[k:k + 1]
+            for op in order_cpu[k].tolist():
+                xk = _JITTER_FNS[op](xk, factors[k:k + 1, op])
+            x[k:k + 1] = xk
+        return x
+    for slot in range(4):
+        for op in range(4):
+            sel = order_cpu[:, slot] == op
+            if bool(sel.all()):
+                x = _JITTER_FNS[op](x, factors[:, op])
+            elif bool(sel.any()):
+                idx = sel.nonzero().flatten().to(x.device)
+                x.index_copy_(0, idx, _JITTER_FNS[op](x.index_select(0, idx), factors[idx, op]))
+    return x
+
+
+def erase(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """boxes (B, 4) = i, j, h, w (h = 0: nothing erased) -> the rectangle set to `value`, per sample."""
+    B, C, H, W = x.shape
+    i, j, h, w = (boxes[:, k].to(x.device).view(B, 1) for k in range(4))
+    ys = torch.arange(H, device=x.device).view(1, H)
+    xs = torch.arange(W, device=x.device).view(1, W)
+    rows = (ys >= i) & (ys < i + h)
+    cols = (xs >= j) & (xs < j + w)
+    m = rows[:, :, None] & cols[:, None, :]
+    return x.masked_fill(m.unsqueeze(1), value)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo
+
+
+def _randint(lo: torch.Tensor, hi: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Per-sample integer uniform in [lo, hi) (hi > lo)."""
+    return lo + (torch.rand(lo.shape, generator=g, dtype=torch.float64) * (hi - lo)).floor().long()
+
+
+def _sample_box(n: int, H: int, W: int, scale: Sequence[float], ratio: Sequence[float], g, tries: int = 10,
+                erase_rule: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's RandomResizedCrop / RandomErasing box search, vectorised: up to `tries` candidates per
+    sample, the first that fits wins. -> (h, w, found)."""
+    area = H * W
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    t_area = area * (torch.rand(n, tries, generator=g, dtype=torch.float64) * (scale[1] - scale[0]) + scale[0])
+    aspect = torch.exp(torch.rand(n, tries, generator=g, dtype=torch.float64) * (lr[1] - lr[0]) + lr[0])
+    if erase_rule:  # RandomErasing: h from area*ratio
+        h, w = torch.sqrt(t_area * aspect).round().long(), torch.sqrt(t_area / aspect).round().long()
+        fits = (h < H) & (w < W)
+    else:
+        w, h = torch.sqrt(t_area * aspect).round().long(), torch.sqrt(t_area / aspect).round().long()
+        fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    found = fits.any(1)
+    first = fits.float().argmax(1)
+    return h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0], found
+
+
+class BatchTransform:
+    """uint8 (B, C, H, W) on any device -> float32 normalized (B, C, H, W); augments only when train=True.
+
+    Order: geometric (flip, affine, rotation, perspective, resized crop: composed into ONE per-sample matrix and
+    one grid_sample, so the image is resampled once), colour jitter (per-sample random order of the four ops,
+    as torchvision), /255 and normalization, then random erasing (on the normalized tensor like the reference,
+    so value 0 is the mean colour). The composite uses bilinear if any enabled geometric op asks for it,
+    else nearest (the reference's flip+affine are nearest, torchvision's RandomAffine default)."""
+
+    def __init__(self, prep: Preprocess, augment: dict | Sequence[str] | None = None,
+                 erase: dict | None = None) -> None:
+        self.prep = prep
+        self.augment = resolve_augment(augment)
+        self.erase = {**ERASE_DEFAULTS, **erase} if erase is not None else None
+        geo = [n for n in GEOMETRIC if n in self.augment and n != "flip"]
+        self.mode = ("bilinear" if any(self.augment[n].get("interpolation") == "bilinear" for n in geo)
+                     else "nearest")
+        self._mean = torch.tensor(prep.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(prep.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.cpu_chunk = 4  # images per CPU work item (see __call__)
+        self.threads: int | None = None  # CPU worker threads; None: torch.get_num_threads() at call time
+        self._pool: ThreadPoolExecutor | None = None
+
+    # parameters ------------------------------------------------------------------------------------------
+    def sample_params(self, B: int, H: int, W: int, g: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """All random parameters of one batch, drawn on the CPU from `g` (reproducible from seed and epoch)."""
+        a, p = self.augment, {}
+        if "flip" in a:
+            p["flip"] = torch.rand(B, generator=g, dtype=torch.float64) < a["flip"]["p"]
+        if "affine" in a:
+            c = a["affine"]
+            lo, hi = _range(c["degrees"])
+            tr = c.get("translate") or (0.0, 0.0)
+            tr = (tr, tr) if isinstance(tr, (int, float)) else tr
+            sc = c.get("scale") or (1.0, 1.0)
+            sh = c.get("shear") or 0.0
+            sh = [-float(sh), float(sh)] if isinstance(sh, (int, float)) else [float(v) for v in sh]
+            if len(sh) == 1:
+                sh = [-sh[0], sh[0]]
+            max_dx, max_dy = float(tr[0] * W), float(tr[1] * H)
+            p["affine"] = torch.stack([
+                _uniform(B, lo, hi, g),
+                _uniform(B, -max_dx, max_dx, g).round(),  # torchvision rounds translations to whole pixels
+                _uniform(B, -max_dy, max_dy, g).round(),
+                _uniform(B, float(sc[0]), float(sc[1]), g),
+                _uniform(B, sh[0], sh[1], g),
+                _uniform(B, sh[2], sh[3], g) if len(sh) == 4 else torch.zeros(B, dtype=torch.float64),
+            ], 1)
+        if "rotation" in a:
+            lo, hi = _range(a["rotation"]["degrees"])
+            p["rotation"] = _uniform(B, lo, hi, g)
+        if "perspective" in a:
+            c = a["perspective"]
+            d = float(c["distortion_scale"])
+            bh, bw = int(d * (H // 2)) + 1, int(d * (W // 2)) + 1
+            z = torch.zeros(B, dtype=torch.long)
+
+            def ri(lo: int, hi: int) -> torch.Tensor:
+                return _randint(z + lo, z + hi, g)
+
+            end = torch.stack([torch.stack([ri(0, bw), ri(0, bh)], 1),
+                               torch.stack([ri(W - bw, W), ri(0, bh)], 1),
+                               torch.stack([ri(W - bw, W), ri(H - bh, H)], 1),
+                               torch.stack([ri(0, bw), ri(H - bh, H)], 1)], 1)
+            start = torch.tensor([[0, 0], [W - 1, 0], [W - 1, H - 1], [0, H - 1]]).expand(B, 4, 2)
+            on = torch.rand(B, generator=g, dtype=torch.float64) < c["p"]
+            end = torch.where(on[:, None, None], end, start)  # off: identity homography
+            p["perspective"] = perspective_coefficients(start, end)
+        if "resized_crop" in a:
+            c = a["resized_crop"]
+            h, w, found = _sample_box(B, H, W, c["scale"], c["ratio"], g)
+            # fallback (no candidate fitted): centre crop clamped to the ratio range
+            in_ratio = W / H
+            if in_ratio < min(c["ratio"]):
+                fw, fh = W, int(round(W / min(c["ratio"])))
+            elif in_ratio > max(c["ratio"]):
+                fw, fh = int(round(H * max(c["ratio"]))), H
+            else:
+                fw, fh = W, H
+            h, w = torch.where(found, h, fh), torch.where(found, w, fw)
+            top = torch.where(found, _randint(torch.zeros_like(h), H - h + 1, g), (H - h) // 2)
+            left = torch.where(found, _randint(torch.zeros_like(w), W - w + 1, g), (W - w) // 2)
+            p["resized_crop"] = torch.stack([top, left, h, w], 1)
+        if "jitter" in a:
+            c = a["jitter"]
+            cols = []
+            for k, name in enumerate(("brightness", "contrast", "saturation", "hue")):
+                v = c.get(name) or 0.0
+                lo, hi = _range(v, 0.0) if name == "hue" else _range(v, 1.0, lo=0.0)
+                cols.append(_uniform(B, lo, hi, g))
+            p["jitter"] = torch.stack(cols, 1).float()
+            p["jitter_order"] = torch.argsort(torch.rand(B, 4, generator=g), 1)
+        if self.erase is not None:
+            c = self.erase
+            h, w, found = _sample_box(B, H, W, c["scale"], c["ratio"], g, erase_rule=True)
+            i = _randint(torch.zeros_like(h), (H - h + 1).clamp_min(1), g)
+            j = _randint(torch.zeros_like(w), (W - w + 1).clamp_min(1), g)
+            on = found & (torch.rand(B, generator=g, dtype=torch.float64) < c["p"])
+            p["erase"] = torch.stack([i, j, torch.where(on, h, 0), torch.where(on, w, 0)], 1)
+        return p
+
+    def matrices(self, p: dict[str, torch.Tensor], B: int, H: int, W: int) -> torch.Tensor | None:
+        """Compose the geometric ops into one (B, 3, 3) output->input map (None when there are none)."""
+        Ms = []  # in the order the ops are applied; the inverse map is their product in the same order
+        if "flip" in p:
+            f = torch.eye(3, dtype=torch.float64).repeat(B, 1, 1)
+            f[:, 0, 0] = torch.where(p["flip"], -1.0, 1.0)
+            Ms.append(f)
+        if "affine" in p:
+            q = p["affine"]
+            Ms.append(affine_inverse_matrices(q[:, 0], q[:, 1], q[:, 2], q[:, 3], q[:, 4], q[:, 5]))
+        if "rotation" in p:
+            z = torch.zeros(B, dtype=torch.float64)
+            # F.rotate(angle) is F.affine(-angle) (torchvision's two conventions differ in sign)
+            Ms.append(affine_inverse_matrices(-p["rotation"], z, z, z + 1, z, z))
+        if "perspective" in p:
+            Ms.append(perspective_matrices(p["perspective"], H, W))
+        if not Ms and "resized_crop" not in p:
+            return None
+        M = torch.eye(3, dtype=torch.float64).repeat(B, 1, 1)
+        for m in Ms:
+            M = M @ m
+        return M
+
+    # apply -----------------------------------------------------------------------------------------------
+    def __call__(self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DataError(f"BatchTransform expects uint8 (B, C, H, W) images, got {images.dtype} "
+                            f"{tuple(images.shape)}")
+        B, C, H, W = images.shape
+        dev = images.device
+        p = self.sample_params(B, H, W, generator) if train and (self.augment or self.erase) else {}
+        M = self.matrices(p, B, H, W) if p else None
+        out = torch.empty(B, C, H, W, device=dev)
+        if self.prep.normalize:
+            scale, shift = (1.0 / (255.0 * self._std)).to(dev), (-self._mean / self._std).to(dev)
+        else:
+            scale, shift = torch.full((1, 1, 1, 1), 1 / 255, device=dev), torch.zeros(1, 1, 1, 1, device=dev)
+
+        def run(sl: slice) -> None:
+            x = images[sl].to(torch.float32)
+            if M is not None or "jitter" in p:
+                x = x.mul_(1.0 / 255)  # the colour ops clamp to [0, 1] like torchvision's float kernels
+                if M is not None:
+                    crop = p["resized_crop"][sl] if "resized_crop" in p else None
+                    x = warp(x, M[sl], self.mode, crop)
+                if "jitter" in p:
+                    x = color_jitter(x, p["jitter"][sl].to(dev), p["jitter_order"][sl])
+                x = x.mul_(255.0)
+            torch.mul(x, scale, out=out[sl]).add_(shift)  # (x / 255 - mean) / std
+            if "erase" in p:
+                out[sl] = erase(out[sl], p["erase"][sl], float(self.erase["value"]))
+
+        if dev.type != "cpu":
+            run(slice(0, B))  # on an accelerator the whole batch is one set of kernels
+            return out
+        # CPU: a 227 px float batch (40 MB at B=64) does not fit in cache, so a few images at a time keep every pass
+        # in cache, and chunks run on a thread pool (torch ops release the GIL) with single-threaded ops: OpenMP
+        # teams inside small ops cost more than they bring, and stall badly when the cores are shared.
+        chunks = [slice(s, min(B, s + self.cpu_chunk)) for s in range(0, B, self.cpu_chunk)]
+        threads = min(self.threads or torch.get_num_threads(), len(chunks))
+        if threads <= 1:
+            for sl in chunks:
+                run(sl)
+            return out
+        if self._pool is None or self._pool._max_workers != threads:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="BatchTransform")
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            list(self._pool.map(run, chunks))
+        finally:
+            torch.set_num_threads(prev)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command-line options (shared by train.py / evaluate.py / predict.py)
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--augment", nargs="+", default=list(DEFAULT_AUGMENT), metavar="NAME",
+                   help=f"train-time augmentations: {' '.join(AUG_NAMES)}, or none (default: flip affine jitter, "
+                        "the reference's best)")
+    g.add_argument("--flip-p", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--degrees", type=float, default=25.0, help="affine rotation range +-degrees")
+    g.add_argument("--translate", type=float, nargs="+", default=[0.1, 0.1], help="affine max shift (fraction) x [y]")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.9, 1.1], help="affine scale range")
+    g.add_argument("--shear", type=float, nargs="+", default=[8.0], help="affine shear: d | xmin xmax | x0 x1 y0 y1")
+    g.add_argument("--jitter", type=float, nargs=4, default=[0.2, 0.2, 0.2, 0.1], metavar=("B", "C", "S", "H"),
+                   help="colour jitter brightness contrast saturation hue")
+    g.add_argument("--rotation-degrees", type=float, default=15.0, help="'rotation' range +-degrees")
+    g.add_argument("--perspective-scale", type=float, default=0.5, help="'perspective' distortion scale")
+    g.add_argument("--perspective-p", type=float, default=0.5, help="'perspective' probability")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0], help="'resized_crop' area range")
+    g.add_argument("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], help="'resized_crop' aspect range")
+    g.add_argument("--interpolation", choices=["auto", "nearest", "bilinear"], default="auto",
+                   help="geometric resampling (auto: torchvision's default of each op; nearest for flip+affine)")
+    g.add_argument("--erase", action="store_true", help="random erasing after normalization")
+    g.add_argument("--erase-p", type=float, default=0.5)
+    g.add_argument("--erase-scale", type=float, nargs=2, default=[0.02, 0.33])
+    g.add_argument("--erase-ratio", type=float, nargs=2, default=[0.3, 3.3])
+    g.add_argument("--erase-value", type=float, default=0.0, help="erased value (after normalization: 0 = mean)")
+    g.add_argument("--crop-bbox", action="store_true", help="crop each image to its car's bounding box")
+    g.add_argument("--bbox-margin", type=float, default=0.0, help="box margin, fraction of box size per side")
+    g.add_argument("--erase-background", action="store_true", help="black out everything outside the box")
+    g.add_argument("--grayscale", action="store_true", help="one-channel images")
+    g.add_argument("--no-normalize", action="store_true", help="only scale to [0, 1]")
+    g.add_argument("--mean", type=float, nargs="+", default=None, help="normalization mean (default: reference's)")
+    g.add_argument("--std", type=float, nargs="+", default=None, help="normalization std (default: reference's)")
+    g.add_argument("--val-split", type=float, default=0.0,
+                   help="hold out this stratified fraction of train as val (default 0: val = official test split)")
+    g.add_argument("--cache-dir", default=None, help=f"decoded-image cache (default: {default_cache_dir()})")
+
+
+def augment_from_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
+    names = [n.lower().replace("-", "_") for n in (args.augment or [])]
+    if "none" in names:
+        if len(names) > 1:
+            raise DataError(f"--augment none cannot be combined with {' '.join(n for n in names if n != 'none')}")
+        names = []
+    bad = [n for n in names if n not in AUG_NAMES]
+    if bad:
+        raise DataError(f"unknown augmentation '{bad[0]}'; choose from: {' '.join(AUG_NAMES)} (or none)")
+    tr = list(args.translate)
+    if len(tr) not in (1, 2):
+        raise DataError(f"--translate takes 1 or 2 values, got {len(tr)}")
+    if len(args.shear) not in (1, 2, 4):
+        raise DataError(f"--shear takes 1, 2 or 4 values, got {len(args.shear)}")
+    params = {
+        "flip": {"p": args.flip_p},
+        "affine": {"degrees": args.degrees, "translate": (tr[0], tr[-1]), "scale": tuple(args.scale),
+                   "shear": args.shear[0] if len(args.shear) == 1 else tuple(args.shear)},
+        "jitter": dict(zip(("brightness", "contrast", "saturation", "hue"), args.jitter)),
+        "rotation": {"degrees": args.rotation_degrees},
+        "perspective": {"p": args.perspective_p, "distortion_scale": args.perspective_scale},
+        "resized_crop": {"scale": tuple(args.crop_scale), "ratio": tuple(args.crop_ratio)},
+    }
+    interp = getattr(args, "interpolation", "auto")
+    augment = {}
+    for n in names:
+        augment[n] = {**AUG_DEFAULTS[n], **params[n]}
+        if interp != "auto" and "interpolation" in augment[n]:
+            augment[n]["interpolation"] = interp
+    if not 0 <= args.jitter[3] <= 0.5:
+        raise DataError(f"--jitter hue {args.jitter[3]} must be in [0, 0.5]")
+    erase = ({"p": args.erase_p, "scale": tuple(args.erase_scale), "ratio": tuple(args.erase_ratio),
+              "value": args.erase_value} if args.erase else None)
+    return (augment or None), erase
+
+
+def preprocess_from_args(args: argparse.Namespace) -> Preprocess:
+    gray = bool(args.grayscale)
+    mean = args.mean or (GRAY_MEAN if gray else RGB_MEAN)
+    std = args.std or (GRAY_STD if gray else RGB_STD)
+    return Preprocess(img_size=int(getattr(args, "img_size", 227) or 227), grayscale=gray,
+                      crop_bbox=bool(args.crop_bbox), bbox_margin=float(args.bbox_margin),
+                      erase_background=bool(args.erase_background), normalize=not args.no_normalize,
+                      mean=tuple(mean), std=tuple(std))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic demo set
+
+_SHAPES = ("sedan", "pickup", "van", "hatchback", "coupe", "bus")
+_COLOURS = {"red": (220, 30, 30), "blue": (30, 70, 230), "green": (30, 170, 50), "yellow": (240, 210, 20),
+            "purple": (140, 40, 180), "orange": (250, 130, 10), "cyan": (20, 200, 210), "white": (245, 245, 245)}
+
+
+def _car_polygon(shape: str) -> list[tuple[float, float]]:
+    """Side-view silhouette in a unit box (x right, y down), wheels drawn separately."""
+    return {
+        "sedan": [(0, .75), (0, .5), (.2, .45), (.3, .2), (.7, .2), (.8, .45), (1, .5), (1, .75)],
+        "pickup": [(0, .75), (0, .45), (.35, .45), (.4, .1), (.6, .1), (.62, .45), (1, .45), (1, .75)],
+        "van": [(0, .75), (0, .2), (.1, .05), (.95, .05), (1, .3), (1, .75)],
+        "hatchback": [(0, .75), (0, .45), (.15, .4), (.3, .15), (.75, .15), (1, .45), (1, .75)],
+        "coupe": [(0, .75), (0, .55), (.25, .5), (.45, .25), (.65, .25), (1, .55), (1, .75)],
+        "bus": [(0, .8), (0, .0), (1, .0), (1, .8)],
+    }[shape]
+
+
+def make_demo_dataset(root: str | os.PathLike, num_classes: int = 4, train_per_class: int = 40,
+                      test_per_class: int = 12, seed: int = 0, size: tuple[int, int] = (96, 64)) -> Path:
+    """SYNTHETIC car-like drawings (class = body shape + colour, "Synthetic <shape> <colour>") with random
+    position, scale, background and noise, in the devkit layout with real .mat files and true bounding boxes.
+    Files go to root/stanford_cars/ (so torchvision.datasets.StanfordCars(root) reads it too); returns root,
+    the folder to pass as --data."""
+    import scipy.io
+    from PIL import ImageDraw
+
+    max_classes = min(len(_SHAPES), len(_COLOURS))
+    if not 1 <= num_classes <= max_classes:
+        raise DataError(f"make_demo_dataset: num_classes must be 1..{max_classes}, got {num_classes}")
+    root = Path(root)
+    base = root / "stanford_cars"
+    colours = list(_COLOURS)
+    classes = [(_SHAPES[k], colours[k]) for k in range(num_classes)]  # shape and colour both differ per class
+    names = [f"Synthetic {s} {c}" for s, c in classes]
+    rng = np.random.default_rng(seed)
+    W, H = size
+    for d in ("cars_train", "cars_test", "devkit"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    counter = 0
+    splits = {}
+    for split, per in (("train", train_per_class), ("test", test_per_class)):
+        rows = []
+        for _ in range(per):
+            for label, (shape, colour) in enumerate(classes):
+                counter += 1
+                # noisy, random-coloured background so the net must find the car
+                # grayish background with a random tint and noise: the car's colour stands out, its place does not
+                bg = rng.integers(70, 190) + rng.integers(-25, 26, 3)
+                arr = np.clip(bg + rng.normal(0, 20, (H, W, 3)), 0, 255).astype(np.uint8)
+                img = Image.fromarray(arr)
+                draw = ImageDraw.Draw(img)
+                cw = rng.uniform(0.45, 0.8) * W
+                chh = cw * rng.uniform(0.4, 0.55)
+                x0 = rng.uniform(0, W - cw)
+                y0 = rng.uniform(0, max(1.0, H - chh * 1.1))
+                flip = rng.random() < 0.5
+                pts = [((1 - px) if flip else px, py) for px, py in _car_polygon(shape)]
+                col = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in _COLOURS[colour])
+                draw.polygon([(x0 + px * cw, y0 + py * chh) for px, py in pts], fill=col)
+                wr = chh * 0.14
+                for wx in (0.2, 0.8):
+                    cx, cy = x0 + wx * cw, y0 + 0.78 * chh
+                    draw.ellipse([cx - wr, cy - wr, cx + wr, cy + wr], fill=(20, 20, 20))
+                fname = f"{counter:05d}.jpg"
+                img.save(base / f"cars_{split}" / fname, quality=90)
+                bbox = (int(x0), int(y0), int(math.ceil(x0 + cw)), int(math.ceil(y0 + 0.78 * chh + wr)))
+                rows.append((bbox, label + 1, fname))
+        splits[split] = rows
+
+    def annos(rows: list) -> np.ndarray:
+        dt = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+        a = np.zeros((1, len(rows)), dtype=dt)
+        for i, (b, c, f) in enumerate(rows):
+            a[0, i] = tuple(np.array([[v]], dtype=np.uint16) for v in b) + (np.array([[c]], dtype=np.uint8),
+                                                                            np.array([f]))
+        return a
+
+    scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array([names], dtype=object)})
+    scipy.io.savemat(base / "devkit" / "cars_train_annos.mat", {"annotations": annos(splits["train"])})
+    scipy.io.savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annos(splits["test"])})
+    (base / "README.txt").write_text("SYNTHETIC demo data made by data.make_demo_dataset: drawn car-like shapes, "
+                                     "not photographs. Class = body shape + colour.\n")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+def compute_stats(decoded: Decoded, chunk: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the cached uint8 images, in [0, 1] units (float64 sums)."""
+    imgs = decoded.images
+    C = imgs.shape[1]
+    s, s2, n = np.zeros(C), np.zeros(C), 0
+    for i in tqdm(range(0, len(imgs), chunk), desc="stats", leave=False, disable=len(imgs) < 10 * chunk):
+        x = np.asarray(imgs[i:i + chunk], dtype=np.float64) / 255.0
+        s += x.sum(axis=(0, 2, 3))
+        s2 += (x * x).sum(axis=(0, 2, 3))
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0))
+    return mean.tolist(), std.tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stats", help="mean/std of the train split (for --mean/--std)")
+    st.add_argument("--data", required=True)
+    st.add_argument("--img-size", type=int, default=227)
+    st.add_argument("--grayscale", action="store_true")
+    st.add_argument("--crop-bbox", action="store_true")
+    st.add_argument("--bbox-margin", type=float, default=0.0)
+    st.add_argument("--erase-background", action="store_true")
+    st.add_argument("--val-split", type=float, default=0.0)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--cache-dir", default=None)
+    info = sub.add_parser("info", help="which layout was found, counts and classes")
+    info.add_argument("--data", required=True)
+    demo = sub.add_parser("demo", help="write the synthetic demo set")
+    demo.add_argument("out")
+    demo.add_argument("--num-classes", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            print(make_demo_dataset(args.out, num_classes=args.num_classes, seed=args.seed))
+            return 0
+        spec = find_dataset(args.data)
+        if args.cmd == "info":
+            print(f"layout: {spec.layout}\nroot: {spec.root}\nclasses: {len(spec.class_names)}\n"
+                  f"train: {len(spec.train)}\ntest: {len(spec.test)}\n"
+                  f"boxes: {sum(r.bbox is not None for r in spec.train + spec.test)}")
+            print("first classes: " + "; ".join(spec.class_names[:5]))
+            return 0
+        prep = Preprocess(img_size=args.img_size, grayscale=args.grayscale, crop_bbox=args.crop_bbox,
+                          bbox_margin=args.bbox_margin, erase_background=args.erase_background)
+        train = make_splits(spec, args.val_split, args.seed)["train"]
+        dec = decode_cached(train, prep, args.cache_dir, desc="train")
+        mean, std = compute_stats(dec)
+        print(f"{len(dec)} train images of {spec.root} at {args.img_size}x{args.img_size}"
+              f"{' grayscale' if args.grayscale else ''}")
+        print("mean: " + " ".join(f"{v:.4f}" for v in mean))
+        print("std:  " + " ".join(f"{v:.4f}" for v in std))
+        print("use:  --mean " + " ".join(f"{v:.4f}" for v in mean) + " --std " + " ".join(f"{v:.4f}" for v in std))
+        return 0
+    except (DataError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
