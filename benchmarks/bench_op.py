@@ -1,0 +1,291 @@
+"""Fused ghost op (ghost_ext, impl="ext") vs its plain-PyTorch reference (impl="torch") at the 32
+GhostModule shapes of the reference GhostNet at 227 px.
+
+    python benchmarks/bench_op.py                          # CPU, batch 32, float32 + bfloat16
+    python benchmarks/bench_op.py --device cuda            # batch 64 and 256
+    python benchmarks/bench_op.py --quick                  # fewer repeats (smoke test)
+
+For every shape: training forward, training forward+backward, eval forward; median times of both
+implementations, their ratio, and the memory-traffic floor (bytes that must be read and written,
+over the bandwidth of a large tensor copy measured in the same run). Also, on CPU, the peak
+memory (max RSS, in fresh subprocesses) of one ghostnet training step at batch 32 with each impl.
+Writes bench_op_<device>.json and .md into $OUT when set, else benchmarks/results/.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import ghost_ext  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # tqdm is a requirement, but keep the benchmark usable without it
+    def tqdm(x, **_):
+        return x
+
+# GhostNet 1.0 (Han et al. 2020; timm's cfgs): per bottleneck (kernel, mid channels, out channels, stride).
+BOTTLENECKS = [
+    (3, 16, 16, 1), (3, 48, 24, 2), (3, 72, 24, 1), (5, 72, 40, 2), (5, 120, 40, 1),
+    (3, 240, 80, 2), (3, 200, 80, 1), (3, 184, 80, 1), (3, 184, 80, 1), (3, 480, 112, 1), (3, 672, 112, 1),
+    (5, 672, 160, 2), (5, 960, 160, 1), (5, 960, 160, 1), (5, 960, 160, 1), (5, 960, 160, 1),
+]
+
+
+def ghost_shapes(img: int = 227) -> list[dict]:
+    """The op's shapes: each bottleneck's ghost1 (-> mid) at its input size and ghost2 (-> out) after
+    its stride. x of the op has C = ceil(out / 2) channels; the cheap conv is 3x3 (dw_size)."""
+    hw = (img + 2 - 3) // 2 + 1  # stem: 3x3 conv, stride 2, padding 1 -> 114 at 227
+    shapes = []
+    for i, (_k, mid, out, s) in enumerate(BOTTLENECKS):
+        shapes.append(dict(name=f"b{i + 1}.ghost1", C=math.ceil(mid / 2), out=mid, H=hw, W=hw, k=3))
+        if s == 2:
+            hw = (hw + 2 * (_k // 2) - _k) // 2 + 1
+        shapes.append(dict(name=f"b{i + 1}.ghost2", C=math.ceil(out / 2), out=out, H=hw, W=hw, k=3))
+    return shapes
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: str, repeat: int, warmup: int) -> float:
+    """Median seconds of fn() (device events on CUDA, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
+    """Bytes per second of a large tensor copy, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), device, repeat=10, warmup=2)
+    return 2 * nbytes / t
+
+
+def bench_shape(sh: dict, batch: int, dtype: torch.dtype, device: str, repeat: int, warmup: int) -> dict:
+    torch.manual_seed(0)  # random (never zero) data, drawn on the device
+    C, OC, H, W, k = sh["C"], sh["out"], sh["H"], sh["W"], sh["k"]
+    x = torch.randn(batch, C, H, W, device=device).to(dtype)
+    weight = torch.randn(C, 1, k, k, device=device) / k  # float32 params, as under autocast
+    gam = torch.rand(C, device=device) + 0.5
+    bet = torch.randn(C, device=device)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    gout = torch.randn(batch, OC, H, W, device=device).to(dtype)
+    xg, wg, gg, bg = (t.clone().requires_grad_() for t in (x, weight, gam, bet))
+    res = {}
+    for impl in ("ext", "torch"):
+        def fwd_train():
+            with torch.no_grad():
+                ghost_ext.ghost_concat(x, weight, gam, bet, rm, rv, True, 0.1, 1e-5, True, OC, impl=impl)
+
+        def fwd_bwd_train():
+            out = ghost_ext.ghost_concat(xg, wg, gg, bg, rm, rv, True, 0.1, 1e-5, True, OC, impl=impl)
+            torch.autograd.backward(out, gout, inputs=[xg, wg, gg, bg])
+
+        def fwd_eval():
+            with torch.no_grad():
+                ghost_ext.ghost_concat(x, weight, gam, bet, rm, rv, False, 0.1, 1e-5, True, OC, impl=impl)
+
+        for mode, fn in (("train_fwd", fwd_train), ("train_fwd_bwd", fwd_bwd_train), ("eval_fwd", fwd_eval)):
+            res.setdefault(mode, {})[impl] = timeit(fn, device, repeat, warmup)
+            xg.grad = wg.grad = gg.grad = bg.grad = None
+    es = torch.tensor([], dtype=dtype).element_size()
+    nx, nout = batch * C * H * W * es, batch * OC * H * W * es
+    # floor: x read once + out written once; backward adds grad_out read, x read, grad_x written
+    res["bytes"] = {"train_fwd": nx + nout, "train_fwd_bwd": 2 * (nx + nout) + nx, "eval_fwd": nx + nout}
+    return res
+
+
+def peak_memory_step(impl: str, batch: int, img: int) -> dict:
+    """Max RSS of a fresh process running one ghostnet training step (CPU, float32)."""
+    code = f"""
+import resource, sys, json, torch
+sys.path.insert(0, {str(REPO)!r})
+import model
+torch.manual_seed(0)
+m = model.build_model("ghostnet", 196, ghost_op={impl!r}).train()
+x = torch.randn({batch}, 3, {img}, {img}); y = torch.randint(0, 196, ({batch},))
+opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss = torch.nn.functional.cross_entropy(m(x), y); loss.backward(); opt.step()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"maxrss_before_MiB": before / 1024, "maxrss_peak_MiB": after / 1024, "step_MiB": (after - before) / 1024}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "platform": platform.platform()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, nargs="+", help="default: 32 on CPU, 64 256 on CUDA")
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--img", type=int, default=227)
+    ap.add_argument("--repeat", type=int, help="timed runs per case (default 7 CPU, 50 CUDA; --quick: 2 / 10)")
+    ap.add_argument("--quick", action="store_true", help="few repeats; a smoke test, not a measurement")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (CPU)")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    ap.add_argument("--out", help="output folder (default: $OUT, else benchmarks/results)")
+    args = ap.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    if not ghost_ext.has_kernel(args.device):
+        print(f"error: ghost_ext has no {args.device} kernel; build it with "
+              "`pip install --no-build-isolation -e .`", file=sys.stderr)
+        return 2
+    batches = args.batch or ([32] if args.device == "cpu" else [64, 256])
+    repeat = args.repeat or ((2 if args.quick else 7) if args.device == "cpu" else (10 if args.quick else 50))
+    warmup = 1 if args.device == "cpu" else 5
+    out_dir = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shapes = ghost_shapes(args.img)
+
+    bw = copy_bandwidth(args.device)
+    result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": args.device, "machine": machine_info(args.device), "repeat": repeat, "warmup": warmup,
+              "copy_bandwidth_GBps": bw / 1e9, "note": args.note, "runs": []}
+    modes = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+    for batch in batches:
+        for dt in args.dtype:
+            dtype = getattr(torch, dt)
+            rows = []
+            for sh in tqdm(shapes, desc=f"{args.device} batch {batch} {dt}"):
+                r = bench_shape(sh, batch, dtype, args.device, repeat, warmup)
+                rows.append({**sh, **{m: {"ext_ms": r[m]["ext"] * 1e3, "torch_ms": r[m]["torch"] * 1e3,
+                                           "speedup": r[m]["torch"] / r[m]["ext"],
+                                           "floor_ms": r["bytes"][m] / bw * 1e3} for m in modes}})
+            totals = {}
+            for m in modes:
+                e = sum(r[m]["ext_ms"] for r in rows)
+                t = sum(r[m]["torch_ms"] for r in rows)
+                f = sum(r[m]["floor_ms"] for r in rows)
+                totals[m] = {"ext_ms": e, "torch_ms": t, "speedup": t / e, "floor_ms": f, "ext_over_floor": e / f}
+            result["runs"].append({"batch": batch, "dtype": dt, "shapes": rows, "totals": totals})
+            print(f"batch {batch} {dt}: " + ", ".join(f"{m} {totals[m]['speedup']:.2f}x" for m in modes), flush=True)
+
+    if args.device == "cpu" and not args.no_memory:
+        if (REPO / "model.py").exists():
+            print("peak memory of one ghostnet training step (subprocesses)...", flush=True)
+            result["memory"] = {"batch": 32, "img": args.img,
+                                "ext": peak_memory_step("ext", 32, args.img),
+                                "torch": peak_memory_step("torch", 32, args.img)}
+        else:
+            result["memory"] = {"error": "model.py not found"}
+
+    tag = args.device
+    (out_dir / f"bench_op_{tag}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"bench_op_{tag}.md").write_text(to_markdown(result))
+    print(summary(result))
+    print(f"wrote {out_dir / f'bench_op_{tag}.json'} and .md")
+    return 0
+
+
+def summary(res: dict) -> str:
+    lines = [f"{'batch':>5} {'dtype':>8} | {'mode':<14} {'ext ms':>9} {'torch ms':>9} {'speedup':>7} {'floor ms':>9}"]
+    for run in res["runs"]:
+        for m, t in run["totals"].items():
+            lines.append(f"{run['batch']:>5} {run['dtype']:>8} | {m:<14} {t['ext_ms']:9.2f} {t['torch_ms']:9.2f} "
+                         f"{t['speedup']:6.2f}x {t['floor_ms']:9.2f}")
+    mem = res.get("memory")
+    if mem and "ext" in mem:
+        for impl in ("ext", "torch"):
+            v = mem[impl]
+            lines.append(f"peak RSS one training step ({impl}): " +
+                         (f"{v['maxrss_peak_MiB']:.0f} MiB (step +{v['step_MiB']:.0f} MiB)" if "error" not in v else v["error"]))
+    return "\n".join(lines)
+
+
+def to_markdown(res: dict) -> str:
+    m = res["machine"]
+    out = [f"# bench_op ({res['device']})", "",
+           f"- date: {res['date']}; command: `{res['command']}`",
+           f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}" + (f", {m['gpu']}" if "gpu" in m else ""),
+           f"- versions: python {m['python']}, torch {m['torch']} (CUDA {m['cuda']})",
+           f"- median of {res['repeat']} runs after {res['warmup']} warm-up; copy bandwidth "
+           f"{res['copy_bandwidth_GBps']:.1f} GB/s (read + write), used for the floor",
+           "- ext = ghost_ext kernels, torch = reference.py (conv2d + batch_norm + relu + cat);"
+           " float32 weights/BN tensors for every x dtype (as under autocast)"]
+    if res.get("note"):
+        out.append(f"- note: {res['note']}")
+    out.append("")
+    for run in res["runs"]:
+        out += [f"## batch {run['batch']}, {run['dtype']}", "",
+                "| mode | ext ms | torch ms | speedup | floor ms | ext / floor |", "|---|---:|---:|---:|---:|---:|"]
+        for mode, t in run["totals"].items():
+            out.append(f"| {mode} (sum of 32) | {t['ext_ms']:.2f} | {t['torch_ms']:.2f} | {t['speedup']:.2f}x | "
+                       f"{t['floor_ms']:.2f} | {t['ext_over_floor']:.1f} |")
+        out += ["", "| shape | C | out | HxW | train fwd ext/torch ms | train fwd+bwd ext/torch ms | eval fwd ext/torch ms |",
+                "|---|---:|---:|---|---|---|---|"]
+        for r in run["shapes"]:
+            cells = [f"{r[mo]['ext_ms']:.3f} / {r[mo]['torch_ms']:.3f} ({r[mo]['speedup']:.2f}x)"
+                     for mo in ("train_fwd", "train_fwd_bwd", "eval_fwd")]
+            out.append(f"| {r['name']} | {r['C']} | {r['out']} | {r['H']}x{r['W']} | " + " | ".join(cells) + " |")
+        out.append("")
+    mem = res.get("memory")
+    if mem:
+        out += ["## peak memory, one ghostnet training step (CPU, float32, max RSS of a fresh process)", ""]
+        if "error" in mem:
+            out.append(f"not measured: {mem['error']}")
+        else:
+            out += ["| impl | peak RSS MiB | growth during the step MiB |", "|---|---:|---:|"]
+            for impl in ("ext", "torch"):
+                v = mem[impl]
+                out.append(f"| {impl} | " + (f"{v['maxrss_peak_MiB']:.0f} | {v['step_MiB']:.0f} |"
+                                             if "error" not in v else f"error: {v['error']} | |"))
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+// CUDA entry points of ghost_ext::ghost_concat: checks, allocation (caching allocator, no host
+// synchronisation), the current stream, dtype dispatch; the kernels are in ghost_cuda.cu.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that pulls in cuSPARSE/cuBLAS headers
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "ghost_cuda.h"
+#include "ghost_host.h"
+
+namespace ghost {
+namespace {
+
+using at::Tensor;
+
+Tensor as_acc(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+void check_cuda(const Tensor& x, const Tensor& weight) {
+  TORCH_CHECK(x.is_cuda(), "ghost_concat (CUDA): x must be a CUDA tensor");
+  TORCH_CHECK(weight.size(2) <= kMaxK, "ghost_concat (CUDA): kernel size ", weight.size(2),
+              " > ", kMaxK, " is not supported by the CUDA kernels; use impl='torch'");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cuda(
+    const Tensor& x_in, const Tensor& weight, const Tensor& bn_weight, const Tensor& bn_bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
+    double eps, bool relu,
+    int64_t out_channels) {
+  check_args(x_in, weight, bn_weight, bn_bias, out_channels);
+  check_cuda(x_in, weight);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto acc = acc_type(x_in);
+  const auto fmt = out_format(x_in);
+  const Tensor x = x_in.contiguous(fmt);
+  const int64_t C = x.size(1);
+  const int K = static_cast<int>(weight.size(2));
+  const Tensor wacc = as_acc(weight, acc);
+  const Tensor gamma = as_acc(bn_weight, acc);
+  const Tensor beta = as_acc(bn_bias, acc);
+  Tensor out = at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options().memory_format(fmt));
+  const auto sopt = x.options().dtype(acc);
+  Tensor mean, invstd, var;
+  if (training) {
+    mean = at::empty({C}, sopt);
+    invstd = at::empty({C}, sopt);
+    var = at::empty({C}, sopt);
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->numel() == C &&
+                    running_var->numel() == C,
+                "ghost_concat: eval mode needs running_mean/running_var with C=", C, " elements");
+    mean = running_mean->to(acc).contiguous().view({C}).clone();
+    var = running_var->to(acc).contiguous().view({C}).clone();
+    invstd = (var + eps).rsqrt();
+  }
+  if (x.numel() == 0) return {out, mean, invstd, var};
+  const Geom g = make_geom(x, out, K, out_channels);
+  const LaunchCfg cfg = make_cfg(g, fmt == at::MemoryFormat::ChannelsLast);
+  Tensor ws = at::empty({training ? forward_workspace(g, cfg) : 0}, sopt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    C10_CUDA_CHECK((launch_forward<scalar_t, acc_t>(
+        g, cfg, x.const_data_ptr<scalar_t>(), wacc.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(),
+        beta.const_data_ptr<acc_t>(), training, static_cast<acc_t>(eps), relu, out.mutable_data_ptr<scalar_t>(),
+        mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+        training ? ws.mutable_data_ptr<acc_t>() : nullptr, stream)));
+  });
+  return {out, mean, invstd, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_backward_cuda(
+    const Tensor& grad_out, const Tensor& x_in, const Tensor& weight, const Tensor& bn_weight,
+    const Tensor& bn_bias, const Tensor& mean, const Tensor& invstd, bool training, bool relu,
+    int64_t out_channels) {
+  check_args(x_in, weight, bn_weight, bn_bias, out_channels);
+  check_cuda(x_in, weight);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x_in.size(0) && grad_out.size(1) == out_channels &&
+                  grad_out.size(2) == x_in.size(2) && grad_out.size(3) == x_in.size(3),
+              "ghost_concat_backward: grad_out has shape ", grad_out.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto acc = acc_type(x_in);
+  const auto fmt = out_format(x_in);
+  const Tensor x = x_in.contiguous(fmt);
+  const Tensor gout = grad_out.to(x.scalar_type()).contiguous(fmt);  // out's layout: the kernels use one stride set
+  const int64_t C = x.size(1);
+  const int K = static_cast<int>(weight.size(2));
+  const Tensor wacc = as_acc(weight, acc);
+  const Tensor gamma = as_acc(bn_weight, acc);
+  const Tensor beta = as_acc(bn_bias, acc);
+  const Tensor m = as_acc(mean, acc);
+  const Tensor is = as_acc(invstd, acc);
+  const auto sopt = x.options().dtype(acc);
+  Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  Tensor gw = at::zeros({C * K * K}, sopt);
+  Tensor gg = at::zeros({C}, sopt);
+  Tensor gb = at::zeros({C}, sopt);
+  if (x.numel() > 0) {
+    const Geom g = make_geom(x, gout, K, out_channels);
+    const LaunchCfg cfg = make_cfg(g, fmt == at::MemoryFormat::ChannelsLast);
+    Tensor sums = at::empty({2 * g.NY}, sopt);
+    // dy in x's exact strides (x is dense in fmt here), float32 for the half types
+    Tensor dy = at::empty(x.sizes(), sopt.memory_format(fmt));
+    Tensor ws = at::empty({backward_workspace(g, cfg)}, sopt);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_backward_cuda", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      C10_CUDA_CHECK((launch_backward<scalar_t, acc_t>(
+          g, cfg, gout.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), wacc.const_data_ptr<acc_t>(),
+          gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(),
+          is.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<acc_t>(),
+          sums.mutable_data_ptr<acc_t>(), dy.mutable_data_ptr<acc_t>(), ws.mutable_data_ptr<acc_t>(), stream)));
+    });
+    if (g.NY > 0) {
+      gb.narrow(0, 0, g.NY).copy_(sums.narrow(0, 0, g.NY));
+      gg.narrow(0, 0, g.NY).copy_(sums.narrow(0, g.NY, g.NY));
+    }
+  }
+  return {gx, gw.view(weight.sizes()).to(weight.scalar_type()), gg.to(bn_weight.scalar_type()),
+          gb.to(bn_bias.scalar_type())};
+}
+
+}  // namespace
+}  // namespace ghost
+
+TORCH_LIBRARY_IMPL(ghost_ext, CUDA, m) {
+  m.impl("ghost_concat", &ghost::ghost_concat_cuda);
+  m.impl("ghost_concat_backward", &ghost::ghost_concat_backward_cuda);
+}

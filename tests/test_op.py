@@ -1,0 +1,460 @@
+"""Tests of the fused ghost op (ghost_ext) against its plain-PyTorch reference.
+
+Tests that need the compiled extension skip when it is not built; the CUDA ones (marked `cuda`)
+skip without a GPU or without CUDA kernels in the build. Tolerances: float64 and float32 are
+compared with a float64 reference by relative norm error (||a - b|| / ||b||) below 1e-9 and 2e-5;
+float16/bfloat16 inputs (with float32 weights, as autocast hands them over) below 1e-2 against the
+float64 reference on the same (rounded) inputs.
+"""
+import math
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ghost_ext
+
+HAS_EXT = ghost_ext.has_extension()
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="ghost_ext._C is not built: run `pip install --no-build-isolation -e .`")
+HAS_CUDA = HAS_EXT and torch.cuda.is_available() and ghost_ext.has_kernel("cuda")
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the extension's CUDA kernels")]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """||a - b|| / max(||b||, floor * sqrt(numel)); the floor keeps quantities that are analytically
+    zero (e.g. grad of a 1x1 depthwise weight under batch-statistics BN) from comparing noise to noise."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    den = max(b.norm().item(), floor * math.sqrt(b.numel()), 1e-30)
+    return (a - b).norm().item() / den
+
+
+def make_inputs(n, c, h, w, k, dtype=torch.float32, device="cpu", channels_last=False, seed=0, param_dtype=None):
+    """x in `dtype`; weight and BN tensors in param_dtype (default: float64 for float64 x, else float32)."""
+    g = torch.Generator().manual_seed(seed)
+    pd = param_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    x = (torch.randn(n, c, h, w, generator=g) * 1.5 + 0.3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c, 1, k, k, generator=g) / k).to(pd)
+    bn_w = (torch.rand(c, generator=g) + 0.5).to(pd)
+    bn_b = (torch.randn(c, generator=g) * 0.5).to(pd)
+    rm = (torch.randn(c, generator=g) * 0.1).to(pd)
+    rv = (torch.rand(c, generator=g) + 0.5).to(pd)
+    return [t.to(device) for t in (x, weight, bn_w, bn_b, rm, rv)]
+
+
+def run(impl, x, weight, bn_w, bn_b, rm, rv, training, relu, oc, gout, momentum=0.1, eps=1e-5):
+    """Forward + backward; returns (out, grad_x, grad_w, grad_bn_w, grad_bn_b, running_mean, running_var)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bn_w, bn_b)]
+    rm, rv = rm.clone(), rv.clone()
+    out = ghost_ext.ghost_concat(*leaves, rm, rv, training, momentum, eps, relu, oc, impl=impl)
+    grads = torch.autograd.grad(out, leaves, gout)
+    return [out, *grads, rm, rv]
+
+
+def compare(x, weight, bn_w, bn_b, rm, rv, training, relu, oc, seed=0, tol=None):
+    """The extension on the given tensors vs the reference in float64 on the same values."""
+    g = torch.Generator().manual_seed(seed + 1)
+    n, c, h, w = x.shape
+    gout = torch.randn(n, oc, h, w, generator=g).to(x.dtype).to(x.device)
+    got = run("ext", x, weight, bn_w, bn_b, rm, rv, training, relu, oc, gout)
+    d = lambda t: t.detach().double()  # noqa: E731
+    want = run("torch", d(x), d(weight), d(bn_w), d(bn_b), d(rm), d(rv), training, relu, oc, d(gout))
+    tol = tol or TOL[x.dtype]
+    names = ["out", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias", "running_mean", "running_var"]
+    assert got[0].dtype == x.dtype and got[0].shape == (n, oc, h, w)
+    assert got[1].dtype == x.dtype and got[2].dtype == weight.dtype and got[3].dtype == bn_w.dtype
+    for name, a, b in zip(names, got, want):
+        e = rel_err(a, b, floor=1.0)  # inputs and grad_out are O(1)
+        assert e < tol, f"{name}: relative error {e:.3g} >= {tol:g}"
+    return got
+
+
+# ---- correctness against the reference ------------------------------------------------------
+
+CASES = [  # (N, C, H, W, k, out_channels)
+    (2, 4, 6, 6, 3, 8),
+    (3, 5, 7, 4, 3, 9),      # odd out_channels, non-square
+    (2, 6, 5, 5, 1, 7),      # k = 1
+    (2, 3, 9, 8, 5, 5),      # k = 5
+    (1, 4, 5, 7, 3, 6),      # N = 1
+    (4, 6, 1, 1, 3, 12),     # 1x1 maps (training still has N values per channel)
+    (2, 8, 3, 5, 3, 8),      # out_channels == C: the cheap branch is cut off entirely
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(device, channels_last, training, case):
+    n, c, h, w, k, oc = case
+    for dtype in (torch.float64, torch.float32):
+        for relu in (True, False):
+            t = make_inputs(n, c, h, w, k, dtype, device, channels_last, seed=hash(case) % 1000)
+            got = compare(*t, training, relu, oc)
+            if channels_last and c > 1 and h * w > 1:
+                assert got[0].is_contiguous(memory_format=torch.channels_last)
+                assert got[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_types_mixed_precision(device, dtype, channels_last):
+    """bf16/fp16 x with float32 weight and BN tensors (what autocast produces), no casts by the caller."""
+    for training in (True, False):
+        for k, oc in ((3, 14), (5, 9)):
+            t = make_inputs(4, 8, 9, 11, k, dtype, device, channels_last, seed=k + oc)
+            compare(*t, training, True, oc)
+    # parameters in the half type too (a model moved with .to(bfloat16))
+    t = make_inputs(3, 6, 7, 7, 3, dtype, device, channels_last, param_dtype=dtype)
+    compare(*t, True, True, 10)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_close_to_float32_reference(device):
+    """Stated tolerance: bf16 output within 1e-2 relative (norm) of the float32 reference."""
+    x, w, gb, bb, rm, rv = make_inputs(8, 16, 12, 12, 3, torch.float32, device)
+    ref = ghost_ext.ghost_concat(x, w, gb, bb, rm.clone(), rv.clone(), True, 0.1, 1e-5, True, 24, impl="torch")
+    out = ghost_ext.ghost_concat(x.bfloat16(), w, gb, bb, rm.clone(), rv.clone(), True, 0.1, 1e-5, True, 24, impl="ext")
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_random_shapes(device):
+    rng = random.Random(1234)
+    for i in range(12):
+        n, c = rng.randint(1, 4), rng.randint(1, 12)
+        h, w = rng.randint(1, 13), rng.randint(1, 13)
+        k = rng.choice([1, 3, 5, 7])
+        oc = rng.randint(c, 2 * c)
+        training = n * h * w > 1 and rng.random() < 0.7
+        dtype = rng.choice([torch.float32, torch.float64])
+        t = make_inputs(n, c, h, w, k, dtype, device, rng.random() < 0.5, seed=i)
+        compare(*t, training, rng.random() < 0.5, oc, seed=i)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_larger_maps_many_blocks(device, channels_last):
+    """Sizes where the CUDA kernels split a channel over many blocks (the partial-sum paths)."""
+    for (n, c, h, w, oc) in ((4, 8, 40, 40, 16), (3, 40, 29, 29, 70), (16, 12, 15, 15, 23)):
+        for dtype in (torch.float32, torch.bfloat16):
+            t = make_inputs(n, c, h, w, 3, dtype, device, channels_last, seed=n * c)
+            compare(*t, True, True, oc)
+            compare(*t, False, True, oc)
+
+
+# ---- autograd, registration ------------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3, 5), (1, 2, 3, 3, 1, 3), (3, 2, 1, 1, 5, 4), (2, 2, 5, 3, 5, 4)])
+def test_gradcheck(training, relu, shape):
+    n, c, h, w, k, oc = shape
+    x, wt, gb, bb, rm, rv = make_inputs(n, c, h, w, k, torch.float64)
+    if relu:  # keep pre-activations away from the kink, where finite differences disagree
+        bb = bb + 0.3 * torch.sign(bb)
+
+    def f(x, wt, gb, bb):
+        return ghost_ext.ghost_concat(x, wt, gb, bb, rm.clone(), rv.clone(), training, 0.1, 1e-5, relu, oc, impl="ext")
+
+    inputs = [t.clone().requires_grad_() for t in (x, wt, gb, bb)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def _op_args(device, channels_last, training, dtype=torch.float32):
+    x, w, gb, bb, rm, rv = make_inputs(2, 4, 5, 6, 3, dtype, device, channels_last)
+    x.requires_grad_()
+    w.requires_grad_()
+    gb.requires_grad_()
+    bb.requires_grad_()
+    return (x, w, gb, bb, rm, rv, training, 1e-5, True, 7)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(device, channels_last, training):
+    torch.library.opcheck(torch.ops.ghost_ext.ghost_concat.default, _op_args(device, channels_last, training))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_op(device):
+    x, w, gb, bb, rm, rv = make_inputs(2, 4, 5, 6, 3, torch.float32, device)
+    _out, mean, invstd, _var = torch.ops.ghost_ext.ghost_concat(x, w, gb, bb, rm, rv, True, 1e-5, True, 7)
+    gout = torch.randn(2, 7, 5, 6, device=device)
+    torch.library.opcheck(torch.ops.ghost_ext.ghost_concat_backward.default,
+                          (gout, x, w, gb, bb, mean, invstd, True, True, 7),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+class Cheap(nn.Module):
+    """The cheap branch of a GhostModule, as model.py's GhostModule wires it."""
+
+    def __init__(self, c: int, oc: int, impl: str):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.oc, self.impl = oc, impl
+
+    def forward(self, x):
+        bn = self.bn
+        return ghost_ext.ghost_concat(x, self.dw.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                      self.training, bn.momentum, bn.eps, True, self.oc, impl=self.impl)
+
+
+class Plain(Cheap):
+    def forward(self, x):
+        return torch.cat([x, F.relu(self.bn(self.dw(x)))], 1)[:, :self.oc]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_stats_match_batchnorm(device):
+    torch.manual_seed(0)
+    ours, plain = Cheap(6, 11, "ext").to(device), Plain(6, 11, "torch").to(device)
+    plain.load_state_dict(ours.state_dict())
+    for step in range(5):
+        x = torch.randn(4, 6, 7, 9, device=device) * (step + 1) + step
+        a, b = ours(x), plain(x)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.bn.running_mean, plain.bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.bn.running_var, plain.bn.running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.dw.weight.grad, plain.dw.weight.grad, rtol=1e-4, atol=1e-4)
+    ours.eval()
+    plain.eval()
+    x = torch.randn(2, 6, 7, 9, device=device)
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    t = make_inputs(8, 12, 20, 20, 3, torch.float32, device, seed=3)
+    gout = torch.randn(8, 20, 20, 20, device=device)
+    a = run("ext", *t, True, True, 20, gout)
+    b = run("ext", *t, True, True, 20, gout)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+@needs_ext
+def test_autocast_cpu_bfloat16():
+    """Under autocast the 1x1 conv outputs bf16; the op takes it with the float32 BN tensors."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 1, bias=False)
+    m = Cheap(6, 12, "ext")
+    x = torch.randn(2, 8, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        assert y.dtype == torch.bfloat16
+        out = m(y)
+    assert out.dtype == torch.bfloat16 and m.bn.running_mean.dtype == torch.float32
+    out.float().sum().backward()
+    assert m.dw.weight.grad.dtype == torch.float32 and conv.weight.grad is not None
+
+
+def test_bad_arguments():
+    t = make_inputs(2, 4, 5, 5, 3)
+    with pytest.raises(ValueError, match="out_channels"):
+        ghost_ext.ghost_concat(*t, True, 0.1, 1e-5, True, 9, impl="auto")
+    with pytest.raises(ValueError, match="impl"):
+        ghost_ext.ghost_concat(*t, True, 0.1, 1e-5, True, 6, impl="cuda")
+
+
+# ---- fallback, compile, export ----------------------------------------------------------------
+
+def test_reference_path_when_extension_missing(monkeypatch):
+    monkeypatch.setattr(ghost_ext, "_EXT_ERROR", "No module named 'ghost_ext._C'")
+    monkeypatch.setattr(ghost_ext, "_warned", set())
+    assert not ghost_ext.has_extension()
+    t = make_inputs(2, 4, 5, 5, 3)
+    want = ghost_ext.reference.ghost_concat(*[u.clone() for u in t], True, 0.1, 1e-5, True, 7)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = ghost_ext.ghost_concat(*[u.clone() for u in t], True, 0.1, 1e-5, True, 7)
+        ghost_ext.ghost_concat(*[u.clone() for u in t], True, 0.1, 1e-5, True, 7)
+    assert sum("not built" in str(m.message) for m in w) == 1  # one warning, not one per call
+    torch.testing.assert_close(out, want)
+    with pytest.raises(RuntimeError, match="not built"):
+        ghost_ext.ghost_concat(*t, True, 0.1, 1e-5, True, 7, impl="ext")
+
+
+def test_reference_path_mixed_dtypes():
+    """impl='torch' with bf16 x and float32 weights outside autocast works too."""
+    x, w, gb, bb, rm, rv = make_inputs(2, 4, 5, 5, 3, torch.bfloat16)
+    out = ghost_ext.ghost_concat(x, w, gb, bb, rm, rv, True, 0.1, 1e-5, True, 7, impl="torch")
+    assert out.dtype == torch.bfloat16
+
+
+@needs_ext
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    m = Cheap(6, 10, "ext")
+    ref = Cheap(6, 10, "ext")
+    ref.load_state_dict(m.state_dict())
+
+    def step(mod, x):
+        return mod(x).relu().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 6, 8, 8)
+    loss_c = compiled(m, x)
+    loss_c.backward()
+    loss_e = step(ref, x)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(m.dw.weight.grad, ref.dw.weight.grad)
+    torch.testing.assert_close(m.bn.running_mean, ref.bn.running_mean)
+    torch.testing.assert_close(m.bn.running_var, ref.bn.running_var)
+
+
+@needs_ext
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    m = Cheap(4, 7, "ext").eval()
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+@needs_ext
+@pytest.mark.slow
+def test_torch_export():
+    m = Cheap(4, 7, "ext")
+    x = torch.randn(2, 4, 6, 6)
+    for train in (False, True):
+        m.train(train)
+        ep = torch.export.export(m, (x,))
+        assert "ghost_ext.ghost_concat" in str(ep.graph)
+        torch.testing.assert_close(ep.module()(x), m(x))
+
+
+# ---- the whole model ---------------------------------------------------------------------------
+
+def _model_or_skip():
+    try:
+        import model
+    except ImportError as e:
+        pytest.skip(f"model.py not importable yet ({e})")
+    return model
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_model_ext_matches_torch(device):
+    model = _model_or_skip()
+    torch.manual_seed(0)
+    a = model.build_model("ghostnet", 10, dropout=0.0, ghost_op="ext").to(device)  # no dropout: same outputs
+    b = model.build_model("ghostnet", 10, dropout=0.0, ghost_op="torch").to(device)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3, 64, 64, device=device)
+    la, lb = a(x), b(x)
+    torch.testing.assert_close(la, lb, rtol=1e-3, atol=1e-3)
+    la.square().mean().backward()
+    lb.square().mean().backward()
+    ga = dict(a.named_parameters())
+    # some gradients are analytically zero (a bias right before a batch-statistics BN): compare
+    # each against the network's gradient scale, not only its own norm
+    scale = torch.cat([p.grad.flatten() for p in b.parameters() if p.grad is not None]).pow(2).mean().sqrt().item()
+    for name, p in b.named_parameters():
+        if p.grad is None:
+            continue
+        e = rel_err(ga[name].grad, p.grad, floor=scale)
+        assert e < 1e-3, f"{name}: grad relative error {e:.3g}"
+    sa = a.state_dict()
+    for name, t in b.state_dict().items():
+        if t.is_floating_point():
+            torch.testing.assert_close(sa[name], t, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(sa[name], t), name
+    a.eval()
+    b.eval()
+    torch.testing.assert_close(a(x), b(x), rtol=1e-3, atol=1e-3)
+
+
+# ---- CUDA only -----------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the extension's CUDA kernels")
+def test_cuda_self_check_passes_and_auto_uses_kernels():
+    ghost_ext._cuda_ok.clear()
+    assert ghost_ext._cuda_self_check(torch.device("cuda"))
+    t = make_inputs(2, 4, 5, 5, 3, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        ghost_ext.ghost_concat(*t, True, 0.1, 1e-5, True, 7, impl="auto")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the extension's CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_cuda_network_shapes(dtype, channels_last, k):
+    """A few GhostNet-like shapes at batch 8: many blocks per channel, idle channel lanes."""
+    for (c, hw, oc) in ((8, 57, 16), (36, 29, 72), (60, 15, 120), (480, 8, 960), (20, 8, 39)):
+        t = make_inputs(8, c, hw, hw, k, dtype, "cuda", channels_last, seed=c + k)
+        for training in (True, False):
+            compare(*t, training, True, oc)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the extension's CUDA kernels")
+def test_cuda_noncurrent_stream_and_autocast():
+    t = make_inputs(4, 16, 14, 14, 3, device="cuda")
+    s = torch.cuda.Stream()
+    gout = torch.randn(4, 30, 14, 14, device="cuda")
+    want = run("ext", *t, True, True, 30, gout)
+    with torch.cuda.stream(s):
+        got = run("ext", *t, True, True, 30, gout)
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    conv = nn.Conv2d(8, 16, 1, bias=False).cuda()
+    m = Cheap(16, 30, "ext").cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(conv(torch.randn(4, 8, 14, 14, device="cuda")))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the extension's CUDA kernels")
+def test_cuda_poisoned_outputs_fully_written():
+    """Every output element is written: fill the caching allocator's blocks with NaN first."""
+    t = make_inputs(6, 24, 23, 23, 3, device="cuda", channels_last=True)
+    for _ in range(3):
+        junk = torch.full((6 * 48 * 23 * 23 * 4,), float("nan"), device="cuda")
+        del junk
+        compare(*t, True, True, 41)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_running_stats(device):
+    """track_running_stats=False hands None for the running statistics (batch statistics always)."""
+    x, w, gb, bb, _rm, _rv = make_inputs(3, 4, 5, 6, 3, device=device)
+    got = ghost_ext.ghost_concat(x, w, gb, bb, None, None, True, 0.1, 1e-5, True, 7, impl="ext")
+    want = ghost_ext.ghost_concat(x, w, gb, bb, None, None, True, 0.1, 1e-5, True, 7, impl="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
