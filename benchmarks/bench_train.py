@@ -1,0 +1,238 @@
+"""Training throughput (images/s) of GhostNet with each ghost-op implementation, and timm's ghostnet_100.
+
+    python benchmarks/bench_train.py                       # CPU (or CUDA when present), 227 px, batch 32
+    python benchmarks/bench_train.py --device cuda --amp   # mixed precision on a GPU
+
+One training step = forward, label-smoothed cross entropy, backward, AdamW step, on synthetic data
+already on the device (so the figure is the model's speed, not the data pipeline's). Each model gets
+--warmup untimed steps, then --steps timed ones; all models run in this one process with the same
+thread count, their timed steps interleaved round robin. Writes bench_train_<device>.json and .md
+into benchmarks/results/ (or --out-dir, or $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import ghost_ext  # noqa: E402
+from model import build_model, count_params  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Trainer:
+    """One model's training step on a fixed synthetic batch already on the device."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, device: torch.device):
+        self.device = device
+        self.model = model.to(device).train()
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.6)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+        if args.channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+        dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+        if args.amp_dtype != "auto":
+            dtype = getattr(torch, args.amp_dtype)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if args.amp else nullcontext()
+        self.scaler = torch.amp.GradScaler(device.type) if args.amp and dtype == torch.float16 else None
+        self.times: list[float] = []
+
+    def step(self, timed: bool) -> None:
+        t0 = time.perf_counter()
+        with self.autocast:
+            loss = self.criterion(self.model(self.x).float(), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        sync(self.device)
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def grads(self) -> list[torch.Tensor | None]:
+        """Gradients of one forward/backward (no optimizer step): a sanity check that the op under test
+        really backpropagates (a step that skips part of the backward would look fast)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks for every model
+        with self.autocast:
+            self.criterion(self.model(self.x).float(), self.y).backward()
+        g = [None if p.grad is None else p.grad.detach().float().clone() for p in self.model.parameters()]
+        self.optimizer.zero_grad(set_to_none=True)
+        return g
+
+    def summary(self, batch_size: int) -> dict:
+        t = sorted(self.times)
+        median = t[len(t) // 2] if len(t) % 2 else (t[len(t) // 2 - 1] + t[len(t) // 2]) / 2
+        return {"img_per_s": round(batch_size * len(t) / sum(t), 2),  # over all timed steps
+                "img_per_s_median": round(batch_size / median, 2),  # robust to a busy neighbour's bursts
+                "ms_per_step_mean": round(1000 * sum(t) / len(t), 2), "ms_per_step_median": round(1000 * median, 2),
+                "ms_per_step_min": round(1000 * t[0], 2), "params": count_params(self.model)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--img-size", type=int, default=227)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=196)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU; bf16 or fp16 on CUDA)")
+    p.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-timm", action="store_true", help="skip timm's ghostnet_100")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. 'cores shared')")
+    p.add_argument("--out-dir", default=None, help="default: $OUT when set, else benchmarks/results")
+    args = p.parse_args(argv)
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("error: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+    out_dir = Path(args.out_dir or os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    candidates = [("ghostnet (ghost_op=torch)", lambda: build_model("ghostnet", args.num_classes, ghost_op="torch"))]
+    has_kernel = getattr(ghost_ext, "has_kernel", lambda d: ghost_ext.has_extension())
+    if has_kernel(device):
+        candidates.append(("ghostnet (ghost_op=ext)",
+                           lambda: build_model("ghostnet", args.num_classes, ghost_op="ext")))
+    else:
+        print(f"note: ghost_ext has no {device.type} kernels built, so no ghost_op=ext row "
+              f"(pip install --no-build-isolation -e .)")
+    try:
+        import timm
+        if not args.no_timm:
+            candidates.append(("timm ghostnet_100", lambda: timm.create_model("ghostnet_100", pretrained=False,
+                                                                              num_classes=args.num_classes)))
+    except ImportError:
+        timm = None
+        print("note: timm not installed, so no timm ghostnet_100 row")
+
+    trainers = []
+    for name, make in candidates:
+        torch.manual_seed(0)
+        trainers.append((name, Trainer(make(), args, device)))
+    # gradient check: the ghostnet variants start from the same weights (same seed), so their first
+    # gradients must agree; a missing gradient or a large difference marks that row as suspect
+    ref = trainers[0][1].grads()
+    checks = {}
+    for name, tr in trainers:
+        g = tr.grads() if tr is not trainers[0][1] else ref
+        missing = sum(x is None for x in g)
+        rel = None
+        if name.startswith("ghostnet") and len(g) == len(ref):
+            # relative to the largest gradient anywhere: some gradients are zero in exact arithmetic
+            # (a bias right before a BatchNorm), so a per-tensor ratio would compare rounding noise
+            scale = max(b.abs().max().item() for b in ref if b is not None) + 1e-12
+            rel = max((a - b).abs().max().item() for a, b in zip(g, ref) if a is not None and b is not None) / scale
+        checks[name] = {"params_without_grad": missing, "max_rel_grad_diff_vs_torch": rel}
+        if missing or (rel is not None and rel > 1e-2):
+            print(f"WARNING: {name}: {missing} parameters got no gradient, max relative gradient difference "
+                  f"to ghost_op=torch {rel}: its throughput is not comparable", file=sys.stderr)
+    for name, tr in trainers:
+        for _ in range(args.warmup):
+            tr.step(timed=False)
+    # timed steps interleaved across models (round robin), so a change in machine load hits all alike
+    for _ in range(args.steps):
+        for name, tr in trainers:
+            tr.step(timed=True)
+    if device.type == "cuda":
+        for name, tr in trainers:  # peak memory of each model alone
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            tr.step(timed=False)
+            tr.peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    results = []
+    for name, tr in trainers:
+        r = {"model": name, **tr.summary(args.batch_size), **checks[name]}
+        if device.type == "cuda":
+            r["peak_mem_mib"] = tr.peak
+        results.append(r)
+        print(f"{name:28s} {r['img_per_s']:9.1f} img/s  (median step {r['ms_per_step_median']:.1f} ms "
+              f"= {r['img_per_s_median']:.1f} img/s)", flush=True)
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    report = {
+        "benchmark": "train step (forward + backward + AdamW), synthetic data on device",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", *sys.argv]) if argv is None else f"bench_train.main({argv!r})",
+        "machine": {"device": str(device), "device_name": dev_name, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform()},
+        "threads": torch.get_num_threads(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "timm": getattr(timm, "__version__", None), "ghost_ext_compiled": ghost_ext.has_extension()},
+        "settings": {"img_size": args.img_size, "batch_size": args.batch_size, "num_classes": args.num_classes,
+                     "steps": args.steps, "warmup": args.warmup, "amp": args.amp, "amp_dtype": args.amp_dtype,
+                     "channels_last": args.channels_last},
+        "note": args.note,
+        "results": results,
+    }
+    stem = f"bench_train_{device.type}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Training throughput ({device.type})", "",
+             f"{report['date']}, {dev_name}, {report['threads']} threads, torch {torch.__version__}, "
+             f"{args.img_size} px, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
+             f"amp {'on' if args.amp else 'off'}{', channels_last' if args.channels_last else ''}.",
+             f"Command: `{report['command']}`" + (f"  \nNote: {args.note}" if args.note else ""), "",
+             "Timed steps run round robin across the models.", "",
+             "| model | params | img/s (all steps) | img/s (median step) | ms/step median | ms/step min "
+             "| grads vs ghost_op=torch |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        rel = r["max_rel_grad_diff_vs_torch"]
+        check = (f"{r['params_without_grad']} params without grad!" if r["params_without_grad"]
+                 else "-" if rel is None else f"max rel diff {rel:.1e}")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['img_per_s']:.1f} | {r['img_per_s_median']:.1f} "
+                     f"| {r['ms_per_step_median']:.1f} | {r['ms_per_step_min']:.1f} | {check} |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_dir / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""train.py: defaults, one-line errors, exact resume after SIGKILL, the demo's accuracy, a real-data run,
+and bench_train.py. Training runs as a subprocess, the way users run it."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "curves.png")
+TIMING = ("seconds", "img_per_s")
+
+
+# One OpenMP thread per training process: on a CPU shared with other jobs (CI runners, parallel test
+# sessions) two spinning OpenMP threads per process can run 5-10x slower than one; results don't change.
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def train_cmd(*args) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *map(str, args)]
+
+
+def run_train(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(*args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    for w in words:
+        assert w.lower() in errors[0].lower(), errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    import data
+    root = tmp_path_factory.mktemp("tiny")
+    return Path(data.make_demo_dataset(root / "demo", num_classes=3, train_per_class=12, test_per_class=4, seed=0))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_defaults_are_the_reference_recipe():
+    import train
+    args, explicit = train.parse_args([])
+    assert explicit == set()
+    assert (args.arch, args.img_size, args.batch_size, args.epochs) == ("ghostnet", 227, 64, 200)
+    assert (args.optimizer, args.lr, args.wd, args.dropout, args.out_channels) == ("adamw", 1e-3, 0.6, 0.2, 320)
+    assert (args.scheduler, args.milestones, args.gamma) == ("multistep", [67, 82, 95, 107], 0.1)
+    assert (args.label_smoothing, args.patience, args.grayscale, args.no_normalize) == (0.1, 15, False, False)
+    demo, explicit = train.parse_args(["--demo", "--epochs", "3"])
+    assert demo.img_size == 64 and demo.epochs == 3 and demo.threads == 1 and explicit == {"demo", "epochs"}
+
+
+def test_one_line_errors(tmp_path, tiny_data, cache_dir):
+    base = ["--out", tmp_path, "--cache-dir", cache_dir, "--device", "cpu", "--img-size", 32]
+    assert_one_line_error(run_train("--data", tmp_path / "nowhere", *base), "stanford")
+    assert_one_line_error(run_train("--data", tiny_data, "--arch", "nonet", *base), "unknown arch")
+    assert_one_line_error(run_train("--data", tiny_data, "--augment", "flip", "wobble", *base), "wobble")
+    assert_one_line_error(run_train("--resume", tmp_path / "no_run", *base), "last.pt")
+    # a loss that turns NaN in epoch 2: exit 1, epoch and step named, epoch 1's checkpoint kept
+    proc = run_train("--data", tiny_data, *base, "--batch-size", 8, "--epochs", 3, "--name", "nan",
+                     "--debug-nan-step", 6)
+    line = assert_one_line_error(proc, "nan", "epoch 2", "step 2")
+    assert proc.returncode == 1, line
+    ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(read_rows(tmp_path / "nan")) == 1
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_data, cache_dir):
+    common = ["--data", tiny_data, "--out", tmp_path, "--cache-dir", cache_dir, "--img-size", 32,
+              "--batch-size", 8, "--epochs", 3, "--deterministic", "--device", "cpu", "--seed", 3,
+              "--scheduler", "multistep", "--milestones", 2, "--erase"]
+    full = run_train(*common, "--name", "full")
+    assert full.returncode == 0, full.stderr
+
+    # the same run, slowed down so that the kill lands inside epoch 2
+    proc = subprocess.Popen(train_cmd(*common, "--name", "cut", "--debug-step-sleep", 0.4), cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "metrics.csv"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(read_rows(tmp_path / "cut")) >= 1):
+        assert proc.poll() is None and time.time() < deadline, "the run to interrupt ended or stalled"
+        time.sleep(0.05)
+    time.sleep(0.6)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(read_rows(tmp_path / "cut")) == 1, "the kill should have landed in epoch 2"
+    resumed = run_train("--resume", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(read_rows(tmp_path / "cut")) == strip(read_rows(tmp_path / "full"))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_ctrl_c_keeps_last_completed_epoch(tmp_path, tiny_data, cache_dir):
+    # SIGINT back to its default in the child, even when this test runs in a background job (SIG_IGN)
+    proc = subprocess.Popen(train_cmd("--data", tiny_data, "--out", tmp_path, "--name", "int", "--cache-dir",
+                                      cache_dir, "--img-size", 32, "--batch-size", 8, "--epochs", 4,
+                                      "--debug-step-sleep", 0.3),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (tmp_path / "int" / "metrics.csv").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run to interrupt ended or stalled"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "last.pt holds epoch 1, the last completed" in err and f"--resume {tmp_path / 'int'}" in err, err
+    assert torch.load(tmp_path / "int" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_demo_reaches_90_percent(tmp_path):
+    t0 = time.time()
+    proc = run_train("--demo", "--out", tmp_path, "--name", "demo", timeout=600)
+    seconds = time.time() - t0
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(tmp_path / "demo")
+    best = max(float(r["val_acc"]) for r in rows)
+    print(f"demo: best val acc {100 * best:.1f}% in {seconds:.0f} s ({len(rows)} epochs)")
+    assert best >= 0.90, rows
+    assert "python evaluate.py --checkpoint" in proc.stdout and "python predict.py" in proc.stdout
+    assert (tmp_path / "demo_data").is_dir()
+
+
+@pytest.mark.slow
+def test_two_real_epochs(tmp_path, real_data, cache_dir):
+    t0 = time.time()
+    proc = run_train("--data", real_data, "--out", tmp_path, "--name", "real", "--cache-dir", cache_dir,
+                     "--img-size", 64, "--epochs", 2, "--device", "cpu", "--limit-train", 1024,
+                     "--limit-val", 256, timeout=300)
+    seconds = time.time() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert seconds < 180, f"took {seconds:.0f} s"
+    run = tmp_path / "real"
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    rows = read_rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+                             "seconds", "img_per_s"]
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"]), rows
+    config = json.loads((run / "config.json").read_text())
+    for key in ("options", "versions", "git_commit", "device", "preprocess", "num_classes"):
+        assert key in config, key
+    assert config["num_classes"] == 196 and config["options"]["wd"] == 0.6
+
+    from model import load_checkpoint, model_from_checkpoint
+    best = load_checkpoint(run / "best.pt")  # weights_only=True
+    assert best["format"] == "ghostcars-v1" and best["preprocess"]["img_size"] == 64
+    assert len(best["class_names"]) == 196 and best["best"]["epoch"] in (1, 2)
+    model = model_from_checkpoint(best, ghost_op="torch")
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 196)
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and {"optimizer", "scheduler", "rng", "early_stop"} <= set(last)
+
+
+def test_bench_train_runs_and_results_are_committed(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_train
+    argv = ["--device", "cpu", "--img-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+            "--no-timm", "--out-dir", str(tmp_path)]
+    assert bench_train.main(argv) == 0
+    report = json.loads((tmp_path / "bench_train_cpu.json").read_text())
+    assert report["results"][0]["model"] == "ghostnet (ghost_op=torch)" and report["results"][0]["img_per_s"] > 0
+    committed = json.loads((REPO / "benchmarks" / "results" / "bench_train_cpu.json").read_text())
+    assert committed["settings"]["img_size"] == 227 and committed["results"]
+    assert {"machine", "threads", "versions", "date", "command"} <= set(committed)
+    # every row's gradient sanity check passed (a step that skips backward work would look fast)
+    assert all(r["params_without_grad"] == 0 for r in committed["results"]), committed["results"]

@@ -1,0 +1,665 @@
+"""Train a car-model classifier (GhostNet by default) on Stanford Cars, or on synthetic demo data.
+
+    python train.py --demo                                   # synthetic data, about a minute on a CPU
+    python train.py --data data                              # the reference work's best recipe (83.79%)
+    python train.py --resume runs/<name>                     # continue an interrupted run exactly
+
+Defaults are the reference work's best settings ("Best Model settings", C-50 in
+../shared/seed/000_7bc5232a39019ce3.txt): 227 px RGB, normalized, flip + affine + colour jitter,
+batch 64, AdamW lr 1e-3 weight decay 0.6, label smoothing, dropout 0.2, 320 output channels,
+MultiStepLR at epochs 67 82 95 107, early stopping after 15 epochs without a lower validation loss.
+
+Everything of a run lands in one folder, runs/<name>/: config.json, metrics.csv, last.pt (every
+epoch), best.pt (best validation accuracy), curves.png. The loop below is deliberately flat.
+Exit status: 0 done, 1 training diverged (non-finite loss), 2 a usage or data error, 130 Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+from model import ARCHS, CheckpointError, build_model, count_params, load_checkpoint
+
+REPO = Path(__file__).resolve().parent
+CKPT_FORMAT = "ghostcars-v1"
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "seconds", "img_per_s"]
+TIMING_FIELDS = ("seconds", "img_per_s")
+# Options that may differ on --resume (given explicitly on the command line); everything else comes from
+# the run's saved config so that the resumed run is the same run.
+RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "threads", "device", "compile", "cache_dir", "max_steps")
+NOT_INHERITED = ("debug_step_sleep", "debug_nan_step")  # debugging aids apply to one invocation only
+# --demo's settings (any flag given explicitly still wins): small images, a short schedule, mild
+# regularisation, so the synthetic set is learned in about a minute on two CPU cores.
+# One CPU thread: 64-px batches of 16 gain little from a second one, and one thread stays fast on a CPU
+# that other processes share (two spinning OpenMP threads then slow down many times over).
+DEMO_DEFAULTS = dict(img_size=64, batch_size=16, epochs=16, lr=3e-3, wd=0.05, scheduler="cosine",
+                     patience=0, label_smoothing=0.1, augment=["flip"], threads=1)
+DEMO_DATA = dict(num_classes=4, train_per_class=60, test_per_class=25)  # 240 train, 100 val images
+
+
+class TrainError(Exception):
+    """A user-facing problem in train.py's own options (one line, names the fix)."""
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None/False ones (their help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a car-model classifier; defaults = the reference work's best "
+                                "recipe (GhostNet from scratch, 83.79% on Stanford Cars).",
+                                formatter_class=_HelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default="data", help="dataset folder (DIR or DIR/stanford_cars); see README")
+    g.add_argument("--out", default="runs", help="parent folder of run folders")
+    g.add_argument("--name", default=None, help="run folder name (default: <date>-<time>-<arch>)")
+    g.add_argument("--demo", action="store_true", help="train on synthetic demo data (made under --out) in ~1 min")
+    g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR from its last.pt")
+    g.add_argument("--init-from", metavar="CKPT", default=None,
+                   help="fine-tune: start from CKPT's matching weights (new classifier if class count differs)")
+    g.add_argument("--seed", type=int, default=0, help="seeds model init, shuffling, augmentation, splits")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bit-exact reruns on the same machine; slower on CUDA)")
+    g.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:1, ...")
+    g.add_argument("--workers", type=int, default=None, help="image decoding processes (default: CPU count)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core; the demo uses 1)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="ghostnet", help="one of: " + ", ".join(ARCHS))
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout before the classifier")
+    g.add_argument("--out-channels", type=int, default=320, help="width of the last feature layer")
+    g.add_argument("--width", type=float, default=1.0, help="channel multiplier (ghostnet)")
+    g.add_argument("--ghost-op", default="auto", choices=["auto", "ext", "torch"],
+                   help="GhostModule implementation: fused C++/CUDA op (ext), plain PyTorch (torch), or auto")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--img-size", type=int, default=227, help="square input size in pixels")
+    g.add_argument("--batch-size", type=int, default=64, help="images per optimizer step")
+    g.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping may end sooner)")
+    g.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="optimizer")
+    g.add_argument("--wd", type=float, default=0.6, help="weight decay (decoupled for adamw, L2 for adam/sgd)")
+    g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="0 = plain cross entropy")
+    g.add_argument("--scheduler", default="multistep",
+                   choices=["multistep", "plateau", "exponential", "cosine", "none"],
+                   help="LR schedule, stepped once per epoch; plateau = the reference's 'automatic' schedule")
+    g.add_argument("--milestones", type=int, nargs="+", default=[67, 82, 95, 107], help="multistep epochs")
+    g.add_argument("--gamma", type=float, default=0.1, help="multistep LR factor")
+    g.add_argument("--exp-base", type=float, default=0.975, help="exponential: lr *= base each epoch (0.955..0.98)")
+    g.add_argument("--plateau-factor", type=float, default=0.1, help="plateau: LR factor on a val-loss plateau")
+    g.add_argument("--plateau-patience", type=int, default=10, help="plateau: epochs without val-loss progress")
+    g.add_argument("--min-lr", type=float, default=0.0, help="cosine eta_min / plateau min_lr")
+    g.add_argument("--patience", type=int, default=15, help="early stopping: epochs without a lower val loss (0=off)")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision autocast (default: on for CUDA, off for CPU)")
+    g.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
+                   help="auto: bfloat16 on CPU and on CUDA that supports it, else float16 (with GradScaler)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and batches")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    data.add_data_args(p)  # --augment/--erase and their parameters, --grayscale, --crop-bbox, --val-split, ...
+
+    # hidden options for tests and debugging
+    p.add_argument("--limit-train", type=int, default=None, help=argparse.SUPPRESS)  # seeded subset of train
+    p.add_argument("--limit-val", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)  # force a NaN loss
+    p.add_argument("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # slow steps down
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
+    """Parse; --demo swaps in demo defaults (explicit flags still win). Also returns the options given
+    explicitly (differing from the defaults), which --resume may override."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+    # the options on the command line: parse again with every default suppressed
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()  # set_defaults' values (the demo's) would otherwise count as given
+    explicit = set(vars(parser.parse_args(argv)))
+    return args, explicit
+
+
+# ----------------------------------------------------------------------------------------------------
+# small helpers
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash at any moment
+    leaves either the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_metrics(rows: list[dict], path: Path) -> None:
+    lines = [",".join(METRIC_FIELDS)]
+    for r in rows:
+        lines.append(",".join(str(r[k]) if k == "epoch" else f"{r[k]:.6g}" for k in METRIC_FIELDS))
+    atomic_write_text("\n".join(lines) + "\n", path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+_warned_no_matplotlib = False
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """curves.png: learning rate, loss and accuracy per epoch (skipped, with one note, without matplotlib)."""
+    global _warned_no_matplotlib
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _warned_no_matplotlib:
+            print("note: matplotlib is not installed, so no curves.png (pip install matplotlib)", file=sys.stderr)
+            _warned_no_matplotlib = True
+        return
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot(ep, [r["lr"] for r in rows])
+    if all(r["lr"] > 0 for r in rows):
+        ax[0].set_yscale("log")
+    ax[0].set_title("learning rate")
+    ax[1].plot(ep, [r["train_loss"] for r in rows], label="train")
+    ax[1].plot(ep, [r["val_loss"] for r in rows], label="val")
+    ax[1].set_title("loss")
+    ax[1].legend()
+    ax[2].plot(ep, [100 * r["train_acc"] for r in rows], label="train")
+    ax[2].plot(ep, [100 * r["val_acc"] for r in rows], label="val top-1")
+    ax[2].plot(ep, [100 * r["val_top5"] for r in rows], label="val top-5")
+    ax[2].set_title("accuracy (%)")
+    ax[2].legend()
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # platform.processor() is often empty on Linux
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda but torch sees no CUDA device; use --device cpu (or auto)")
+    return device
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Fail fast, before any data is decoded, on options that can't work."""
+    if args.arch not in ARCHS:
+        raise TrainError(f"unknown arch {args.arch!r}; choose one of: {', '.join(ARCHS)}")
+    for k in ("img_size", "batch_size", "epochs"):
+        if getattr(args, k) < 1:
+            raise TrainError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
+    if not 0 <= args.label_smoothing < 1:
+        raise TrainError(f"--label-smoothing must lie in [0, 1) (got {args.label_smoothing})")
+    if not 0 <= args.dropout < 1:
+        raise TrainError(f"--dropout must lie in [0, 1) (got {args.dropout})")
+
+
+def jsonable(v):
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    return v
+
+
+def subset(records: list, n: int | None, seed: int) -> list:
+    """A seeded random subset of n records (in their original order), for quick runs."""
+    if n is None or n >= len(records):
+        return records
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(records), generator=g)[:n].tolist())
+    return [records[i] for i in keep]
+
+
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
+    if args.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.gamma)
+    if args.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=args.plateau_factor,
+                                                          patience=args.plateau_patience, min_lr=args.min_lr)
+    if args.scheduler == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.exp_base)
+    if args.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
+    return None
+
+
+def init_from(model: nn.Module, path: str) -> str:
+    """Load every weight of checkpoint `path` whose name and shape match (fine-tuning); a classifier
+    of another class count stays freshly initialised. Returns a one-line summary."""
+    ckpt = load_checkpoint(path)
+    own = model.state_dict()
+    matched = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    fresh = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+    note = f"init-from {path}: loaded {len(matched)}/{len(own)} tensors"
+    if fresh:
+        note += f"; new: {', '.join(fresh[:4])}{' ...' if len(fresh) > 4 else ''}"
+    return note
+
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+def train(args: argparse.Namespace, explicit: set[str]) -> int:
+    # ---- resume: the run's own saved options, but for the few that may change (given explicitly)
+    resume_ckpt = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        last = run_dir / "last.pt"
+        if not last.exists():
+            raise TrainError(f"{last} not found; --resume takes a run folder holding last.pt "
+                             f"(written after each completed epoch)")
+        resume_ckpt = load_checkpoint(last)
+        saved = dict(resume_ckpt["config"])
+        for k in RESUME_OVERRIDABLE:
+            if k in explicit:
+                saved[k] = getattr(args, k)
+        for k in NOT_INHERITED:
+            saved[k] = getattr(args, k)
+        saved["resume"] = args.resume
+        args = argparse.Namespace(**{**vars(args), **saved})
+    check_options(args)
+    augment, erase = data.augment_from_args(args)  # unknown augmentation names fail here, before decoding
+    prep = data.preprocess_from_args(args)
+
+    # ---- determinism and device
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ghost_op == "ext" and args.arch.startswith("ghostnet"):
+        import ghost_ext
+        has_kernel = getattr(ghost_ext, "has_kernel", lambda d: ghost_ext.has_extension())
+        if not has_kernel(device):
+            raise TrainError(f"--ghost-op ext, but the ghost_ext extension has no {device.type} kernels here; build "
+                             f"it with `pip install --no-build-isolation -e .` or use --ghost-op auto")
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    use_amp = args.amp if args.amp is not None else device.type == "cuda"
+    amp_dtype = args.amp_dtype
+    if amp_dtype == "auto":
+        amp_dtype = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    amp_dtype = getattr(torch, amp_dtype)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
+    # float16 has too little range for gradients: scale the loss (bfloat16 has float32's range, no need)
+    scaler = torch.amp.GradScaler(device.type) if use_amp and amp_dtype == torch.float16 else None
+
+    # ---- data: decode each split once into uint8 tensors; augment on the training device per batch
+    if args.demo and not args.resume:
+        demo_root = Path(args.out) / "demo_data"
+        print(f"demo: making SYNTHETIC data (car-like drawings, not photos) in {demo_root}")
+        args.data = str(data.make_demo_dataset(demo_root, seed=args.seed, **DEMO_DATA))
+    try:
+        spec = data.find_dataset(args.data)
+    except data.DataError as e:  # say where Stanford Cars goes, and that the demo needs no download
+        raise TrainError(f"{e}. Put Stanford Cars there (README: 'Getting Stanford Cars'), "
+                         f"or try: python train.py --demo") from None
+    splits = data.make_splits(spec, val_split=args.val_split, seed=args.seed)
+    train_records = subset(splits["train"], args.limit_train, args.seed)
+    val_records = subset(splits["val"], args.limit_val, args.seed + 1)
+    val_name = "val (held out of train)" if args.val_split else "val (= the official test split)"
+    print(f"data: {spec.root} ({spec.layout}), {len(spec.class_names)} classes, "
+          f"{len(train_records)} train, {len(val_records)} {val_name}")
+    train_data = data.decode_cached(train_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="train")
+    val_data = data.decode_cached(val_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="val")
+    if len(train_data.labels) == 0 or len(val_data.labels) == 0:
+        raise TrainError(f"{args.data}: no readable training or validation images; check the dataset folder")
+    drop_last = len(train_data.labels) > args.batch_size  # a last batch of 1 would break BatchNorm
+    train_loader = data.BatchLoader(train_data, args.batch_size, shuffle=True, drop_last=drop_last,
+                                    device=device, seed=args.seed)
+    val_loader = data.BatchLoader(val_data, args.batch_size, shuffle=False, drop_last=False, device=device,
+                                  seed=args.seed)
+    transform = data.BatchTransform(prep, augment, erase)
+    num_classes = len(spec.class_names)
+
+    # ---- model, optimizer, schedule
+    model_options = dict(out_channels=args.out_channels, dropout=args.dropout, in_channels=prep.channels,
+                         width=args.width)
+    try:
+        model = build_model(args.arch, num_classes, ghost_op=args.ghost_op, **model_options)
+    except ValueError as e:  # e.g. an out-channels or width that the architecture can't take
+        raise TrainError(f"{e}; fix the model options (see python train.py --help)") from None
+    if args.init_from and resume_ckpt is None:
+        print(init_from(model, args.init_from))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    elif args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    scheduler = make_scheduler(args, optimizer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    # ---- run folder and the state that resume restores
+    start_epoch, step = 0, 0
+    best = {"val_acc": -1.0, "epoch": 0, "min_val_loss": math.inf, "min_val_loss_epoch": 0}
+    bad_epochs = 0
+    if resume_ckpt is not None:
+        run_dir = Path(args.resume)
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        if scheduler is not None and resume_ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(resume_ckpt["scheduler"])
+        if scaler is not None and resume_ckpt.get("scaler") is not None:
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        start_epoch = resume_ckpt["epoch"]
+        step = resume_ckpt.get("step", 0)
+        best = dict(resume_ckpt["best"])
+        bad_epochs = resume_ckpt["early_stop"]["bad_epochs"]
+        torch.set_rng_state(resume_ckpt["rng"]["torch"])
+        if resume_ckpt["rng"].get("cuda") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(resume_ckpt["rng"]["cuda"])
+        print(f"resuming {run_dir} after epoch {start_epoch}")
+        if start_epoch >= args.epochs:
+            print(f"note: the run already has {start_epoch} epochs (--epochs {args.epochs}); pass a larger "
+                  f"--epochs to train on")
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = args.name or f"{stamp}-{'demo' if args.demo else args.arch}"
+        run_dir = Path(args.out) / name
+        if (run_dir / "last.pt").exists():
+            raise TrainError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                             f"or pick another --name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    # metrics.csv may hold a row for an epoch whose last.pt never landed (killed in between): drop it
+    rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= start_epoch]
+
+    n_params = count_params(model)
+    config = {k: jsonable(v) for k, v in vars(args).items()}
+    config["data"] = str(Path(args.data).resolve())  # so --resume works from any working directory
+    run_info = {
+        "options": config, "command": shlex.join([sys.executable, *sys.argv]),
+        "run_dir": str(run_dir), "num_classes": num_classes, "class_names": spec.class_names,
+        "dataset": {"root": str(spec.root), "layout": spec.layout, "train": len(train_data.labels),
+                    "val": len(val_data.labels), "skipped": len(train_data.skipped) + len(val_data.skipped)},
+        "preprocess": prep.to_dict(), "augment": jsonable(augment), "erase": jsonable(erase),
+        "model_options": model_options, "num_params": n_params,
+        "amp": {"enabled": use_amp, "dtype": str(amp_dtype).removeprefix("torch."), "grad_scaler": scaler is not None},
+        "device": {"type": device.type, "name": device_name(device), "threads": torch.get_num_threads()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": _version("torchvision"), "numpy": _version("numpy"),
+                     "ghost_ext_compiled": _ghost_ext_compiled()},
+        "git_commit": git_commit(), "platform": platform.platform(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "resumed_after_epoch": start_epoch if resume_ckpt is not None else None,
+    }
+    atomic_write_text(json.dumps(run_info, indent=2) + "\n", run_dir / "config.json")
+
+    train_model = torch.compile(model) if args.compile else model  # `model` keeps the plain state_dict names
+    print(f"run: {run_dir}  arch {args.arch} ({n_params / 1e6:.2f} M params)  device {device} "
+          f"({run_info['device']['name']})  amp {run_info['amp']['dtype'] if use_amp else 'off'}  "
+          f"img {args.img_size}  batch {args.batch_size}")
+
+    def checkpoint(epoch: int) -> dict:
+        return {
+            "format": CKPT_FORMAT, "arch": args.arch, "num_classes": num_classes,
+            "class_names": list(spec.class_names), "model_options": model_options,
+            "preprocess": prep.to_dict(), "model": model.state_dict(), "epoch": epoch, "step": step,
+            "best": dict(best), "config": config,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+            "early_stop": {"bad_epochs": bad_epochs},
+        }
+
+    def to_input(images: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
+        x = transform(images, train=train, generator=generator)
+        return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+    # ---- the loop
+    epoch = start_epoch
+    stop_reason = None
+    try:
+        for epoch in range(start_epoch + 1, args.epochs + 1):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_model.train()
+            train_loader.set_epoch(epoch)
+            # augmentation randomness from (seed, epoch) alone, so a resumed epoch sees the same images
+            aug_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+            loss_sum, seen = 0.0, 0
+            correct = torch.zeros((), dtype=torch.long, device=device)  # on the device: no sync per step
+            bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
+            for i, (images, labels) in enumerate(bar, 1):
+                x = to_input(images, True, aug_gen)
+                with autocast:
+                    logits = train_model(x)
+                    loss = criterion(logits.float(), labels)
+                step += 1
+                if args.debug_nan_step is not None and step >= args.debug_nan_step:
+                    loss = loss * float("nan")
+                loss_val = loss.item()
+                if not math.isfinite(loss_val):
+                    raise NonFiniteLoss(f"loss became {loss_val} at epoch {epoch}, step {i} (global step {step})")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                n = labels.shape[0]
+                loss_sum += loss_val * n
+                correct += (logits.argmax(1) == labels).sum()
+                seen += n
+                if i % 5 == 0 or i == len(train_loader):
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%",
+                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                if args.debug_step_sleep:
+                    time.sleep(args.debug_step_sleep)
+                if args.max_steps is not None and step >= args.max_steps:
+                    stop_reason = f"--max-steps {args.max_steps} reached"
+                    break
+            bar.close()
+            train_seconds = time.perf_counter() - t0
+
+            # validation: the same loss as training (as the reference), top-1 and top-5
+            train_model.eval()
+            v_loss, v_top1, v_top5, v_seen = 0.0, 0, 0, 0
+            top_k = min(5, num_classes)
+            with torch.no_grad(), autocast:
+                for images, labels in val_loader:
+                    logits = train_model(to_input(images, False, None)).float()
+                    v_loss += criterion(logits, labels).item() * labels.shape[0]
+                    topk = logits.topk(top_k, 1).indices
+                    v_top1 += (topk[:, 0] == labels).sum().item()
+                    v_top5 += (topk == labels[:, None]).any(1).sum().item()
+                    v_seen += labels.shape[0]
+            val_loss, val_acc, val_top5 = v_loss / v_seen, v_top1 / v_seen, v_top5 / v_seen
+            if not math.isfinite(val_loss):
+                raise NonFiniteLoss(f"validation loss became {val_loss} after epoch {epoch} (global step {step})")
+
+            # bookkeeping: schedule, best, early stopping, then the files (last.pt before metrics.csv)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val_loss)
+            elif scheduler is not None:
+                scheduler.step()
+            is_best = val_acc > best["val_acc"]
+            if is_best:
+                best["val_acc"], best["epoch"] = val_acc, epoch
+            if val_loss < best["min_val_loss"]:
+                best["min_val_loss"], best["min_val_loss_epoch"] = val_loss, epoch
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            ckpt = checkpoint(epoch)
+            atomic_save(ckpt, run_dir / "last.pt")
+            if is_best:  # best.pt is for using the model: without the resume state, a third of the size
+                atomic_save({k: v for k, v in ckpt.items()
+                             if k not in ("optimizer", "scheduler", "scaler", "rng", "early_stop")},
+                            run_dir / "best.pt")
+            seconds = time.perf_counter() - t0
+            rows.append(dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(seen, 1),
+                             train_acc=correct.item() / max(seen, 1), val_loss=val_loss, val_acc=val_acc,
+                             val_top5=val_top5, seconds=seconds, img_per_s=seen / train_seconds))
+            write_metrics(rows, run_dir / "metrics.csv")
+            plot_curves(rows, run_dir / "curves.png")
+            r = rows[-1]
+            print(f"epoch {epoch:3d}/{args.epochs}  lr {lr:.2e}  train loss {r['train_loss']:.4f} "
+                  f"acc {100 * r['train_acc']:5.1f}%  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}% "
+                  f"top5 {100 * val_top5:5.1f}%  {seconds:5.1f}s {r['img_per_s']:6.0f} img/s"
+                  f"{'  *best' if is_best else ''}", flush=True)
+            if args.patience and bad_epochs >= args.patience:
+                stop_reason = (f"early stopping: no lower val loss for {args.patience} epochs "
+                               f"(min {best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']})")
+            if stop_reason:
+                break
+    except KeyboardInterrupt:
+        done = rows[-1]["epoch"] if rows else 0
+        if done:
+            print(f"\ninterrupted in epoch {done + 1}: {run_dir / 'last.pt'} holds epoch {done}, the last completed "
+                  f"one (the partial epoch is discarded).\nresume with: python train.py --resume {run_dir}",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted before the first epoch completed; nothing to resume", file=sys.stderr)
+        return 130
+    except NonFiniteLoss as e:
+        done = rows[-1]["epoch"] if rows else 0
+        kept = (f"{run_dir / 'last.pt'} (epoch {done}) and best.pt are kept" if done
+                else "no epoch had completed, so there is no checkpoint")
+        print(f"error: {e}; stopped, {kept}; try a lower --lr (or --no-amp)", file=sys.stderr)
+        return 1
+
+    if stop_reason:
+        print(stop_reason)
+    print(f"done: best val acc {100 * best['val_acc']:.2f}% at epoch {best['epoch']}, min val loss "
+          f"{best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']}; files in {run_dir}")
+    if args.demo:
+        example = val_data.paths[0] if val_data.paths else "<an image>"
+        print("next, try:\n"
+              f"  python evaluate.py --checkpoint {run_dir / 'best.pt'} --data {args.data}\n"
+              f"  python predict.py {example} --checkpoint {run_dir / 'best.pt'}")
+    return 0
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _ghost_ext_compiled() -> bool | None:
+    try:
+        import ghost_ext
+        return bool(ghost_ext.has_extension())
+    except ImportError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, explicit = parse_args(argv)
+    try:
+        return train(args, explicit)
+    except (TrainError, data.DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
