@@ -686,26 +686,45 @@ class BatchLoader:
     thread (into pinned memory on CUDA) while the current one trains. Order depends only on (seed, epoch)."""
 
     def __init__(self, decoded: Decoded, batch_size: int, shuffle: bool, drop_last: bool,
-                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 device: str | torch.device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        """rank / world_size shard the set for DistributedDataParallel: every rank draws the same (seed, epoch)
+        permutation and takes its positions rank::world_size. With drop_last the tail that doesn't split evenly
+        is dropped first, so every rank makes the same number of steps; without it nothing is padded or
+        repeated (ranks may differ by one image), so a distributed evaluation counts each image exactly once."""
         if batch_size < 1:
             raise DataError(f"batch size {batch_size} must be >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"BatchLoader: rank {rank} must lie in [0, world_size={world_size})")
         self.decoded, self.batch_size, self.shuffle, self.drop_last = decoded, batch_size, shuffle, drop_last
         self.device, self.seed, self.epoch = torch.device(device), seed, 0
+        self.rank, self.world_size = rank, world_size
         self.pin = self.device.type == "cuda"
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _shard_size(self) -> int:
+        n, w = len(self.decoded), self.world_size
+        if self.drop_last:
+            return n // w
+        return len(range(self.rank, n, w))
+
     def __len__(self) -> int:
-        n = len(self.decoded)
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _order(self) -> np.ndarray:
         n = len(self.decoded)
         if not self.shuffle:
-            return np.arange(n)
-        ss = np.random.SeedSequence([self.seed, self.epoch])
-        return np.random.default_rng(ss).permutation(n)
+            order = np.arange(n)
+        else:
+            ss = np.random.SeedSequence([self.seed, self.epoch])
+            order = np.random.default_rng(ss).permutation(n)
+        if self.world_size > 1:  # the same permutation on every rank; each takes its own positions
+            if self.drop_last:
+                order = order[:(n // self.world_size) * self.world_size]
+            order = order[self.rank::self.world_size]
+        return order
 
     def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.sort(idx)  # sequential reads from the memmap; the order inside a batch does not matter

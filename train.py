@@ -27,15 +27,19 @@ import shlex
 import subprocess
 import sys
 import time
+import types
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import ARCHS, CheckpointError, build_model, count_params, load_checkpoint
+from model import ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint
 
 REPO = Path(__file__).resolve().parent
 CKPT_FORMAT = "ghostcars-v1"
@@ -52,6 +56,10 @@ NOT_INHERITED = ("debug_step_sleep", "debug_nan_step")  # debugging aids apply t
 DEMO_DEFAULTS = dict(img_size=64, batch_size=16, epochs=16, lr=3e-3, wd=0.05, scheduler="cosine",
                      patience=0, label_smoothing=0.1, augment=["flip"], threads=1)
 DEMO_DATA = dict(num_classes=4, train_per_class=60, test_per_class=25)  # 240 train, 100 val images
+# Test hook: when set, every rank writes ddp_rank<r>.json (its weights' hash, images it validated) into the run
+# folder after each epoch, so a test can check that all ranks hold identical weights.
+DDP_DEBUG_ENV = "GHOSTCARS_DDP_DEBUG"
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class TrainError(Exception):
@@ -95,6 +103,13 @@ def get_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's, one per core; the demo uses 1)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
 
+    g = p.add_argument_group("several GPUs or machines (launch with torchrun; see README)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only); "
+                        "GhostModules then run the plain PyTorch path")
+    g.add_argument("--scale-lr", action="store_true",
+                   help="under torchrun: multiply --lr by the world size (linear scaling); default: lr unchanged")
+
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="ghostnet", help="one of: " + ", ".join(ARCHS))
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the classifier")
@@ -105,7 +120,8 @@ def get_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--img-size", type=int, default=227, help="square input size in pixels")
-    g.add_argument("--batch-size", type=int, default=64, help="images per optimizer step")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="images per optimizer step; under torchrun PER RANK (global batch = this x world size)")
     g.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping may end sooner)")
     g.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="optimizer")
@@ -330,6 +346,97 @@ def init_from(model: nn.Module, path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# several processes (torchrun): DistributedDataParallel, as in PyTorch's DDP tutorial and torchvision's
+# classification reference
+
+def distributed_env() -> dict | None:
+    """torchrun's rendezvous variables as {"rank", "world_size", "local_rank"}, or None when not launched by
+    torchrun (none of RANK / WORLD_SIZE / LOCAL_RANK set). A partial or inconsistent set is a TrainError."""
+    if not any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    missing = [k for k in TORCHRUN_VARS if not os.environ.get(k)]
+    if missing:
+        raise TrainError(f"distributed launch without {', '.join(missing)} in the environment; start several "
+                         f"processes with `torchrun --nproc_per_node N train.py ...`, which sets {', '.join(TORCHRUN_VARS)}")
+    try:
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        raise TrainError("RANK, WORLD_SIZE and LOCAL_RANK must be integers; launch with torchrun") from None
+    if world < 1 or not 0 <= rank < world or local < 0 or local > rank:
+        raise TrainError(f"inconsistent launch: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}; "
+                         f"launch every process with the same torchrun command (--nnodes, --nproc_per_node)")
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    if local_world is not None and local_world.isdigit() and not local < int(local_world) <= world:
+        raise TrainError(f"inconsistent launch: LOCAL_RANK={local} LOCAL_WORLD_SIZE={local_world} "
+                         f"WORLD_SIZE={world}; launch every process with the same torchrun command")
+    return {"rank": rank, "world_size": world, "local_rank": local}
+
+
+def distributed_device(name: str, local_rank: int) -> torch.device:
+    """One device per rank: cuda:LOCAL_RANK when CUDA is used, else the CPU."""
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return device
+    if name not in ("auto", "cuda"):
+        raise TrainError(f"--device {name} under torchrun: every rank uses cuda:LOCAL_RANK; pass --device cuda "
+                         f"(or auto) and pick GPUs with CUDA_VISIBLE_DEVICES")
+    n = torch.cuda.device_count()
+    if local_rank >= n:
+        raise TrainError(f"LOCAL_RANK {local_rank} but only {n} CUDA device(s) visible on this machine; "
+                         f"use torchrun --nproc_per_node {n} (or fewer)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(env: dict, device: torch.device) -> str:
+    """nccl on CUDA, gloo on the CPU. Returns the backend's name."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"torch.distributed ({backend}) did not start: {first}; check MASTER_ADDR/MASTER_PORT "
+                         f"and that every process was launched with the same WORLD_SIZE") from None
+    if dist.get_world_size() != env["world_size"]:
+        raise TrainError(f"WORLD_SIZE={env['world_size']} but the process group has {dist.get_world_size()} "
+                         f"ranks; launch every process with the same torchrun command")
+    return backend
+
+
+def _ghost_forward_modules(self: GhostModule, x: torch.Tensor) -> torch.Tensor:
+    """GhostModule.forward through its own submodules instead of the functional ghost_concat call, so that
+    a SyncBatchNorm in cheap_operation actually synchronises (ghost_concat only borrows the BN's tensors and
+    normalises with per-rank statistics). Same math as ghost_ext.reference.ghost_concat."""
+    x = self.primary_conv(x)
+    y = self.cheap_operation(x)
+    if self.relu:
+        y = F.relu(y)
+    return torch.cat([x, y], 1)[:, :self.out_chs]
+
+
+def sync_ghost_modules(model: nn.Module) -> int:
+    """After SyncBatchNorm conversion: route every GhostModule's cheap branch through its (Sync)BN module.
+    State-dict keys are unchanged; the SyncBatchNorm counts num_batches_tracked itself. Returns the count."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GhostModule):
+            m.forward = types.MethodType(_ghost_forward_modules, m)
+            n += 1
+    return n
+
+
+def state_hash(state: dict) -> str:
+    """sha256 of every tensor of a state_dict (keys sorted): equal hashes = bit-identical weights and buffers."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
 # training
 
 def train(args: argparse.Namespace, explicit: set[str]) -> int:
@@ -354,8 +461,31 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     augment, erase = data.augment_from_args(args)  # unknown augmentation names fail here, before decoding
     prep = data.preprocess_from_args(args)
 
-    # ---- determinism and device
-    device = resolve_device(args.device)
+    # ---- several processes (torchrun) or one; the device
+    denv = distributed_env()
+    ddp = denv is not None
+    rank, world, local_rank = (denv["rank"], denv["world_size"], denv["local_rank"]) if ddp else (0, 1, 0)
+    is_main = rank == 0  # only rank 0 writes the run folder, logs and progress bars
+    device = distributed_device(args.device, local_rank) if ddp else resolve_device(args.device)
+    if args.sync_bn and ddp and device.type != "cuda":
+        raise TrainError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop --sync-bn for CPU (gloo) runs")
+    backend = init_distributed(denv, device) if ddp else None
+    if ddp and not is_main:
+        sys.stdout = open(os.devnull, "w")  # main() restores it; errors still reach stderr
+        warnings.filterwarnings("ignore")  # one copy of each warning (rank 0's) is enough
+    if args.sync_bn and not ddp:
+        print("note: --sync-bn only matters under torchrun (several processes); ignored", file=sys.stderr)
+    ghost_op = args.ghost_op
+    if args.sync_bn and ddp and args.arch.startswith("ghostnet"):
+        # the fused op normalises the cheap branch with this rank's statistics only; the plain path runs the
+        # GhostModules' BNs as (Sync)BatchNorm modules (see sync_ghost_modules), so every BN is synchronised
+        if ghost_op != "torch" and is_main:
+            print(f"warning: --sync-bn: the fused ghost_ext op uses per-rank BatchNorm statistics, so the "
+                  f"GhostModules run the plain PyTorch path (--ghost-op torch instead of {ghost_op}) with "
+                  f"SyncBatchNorm", file=sys.stderr)
+        ghost_op = "torch"
+
+    # ---- determinism
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ghost_op == "ext" and args.arch.startswith("ghostnet"):
@@ -383,11 +513,18 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     # float16 has too little range for gradients: scale the loss (bfloat16 has float32's range, no need)
     scaler = torch.amp.GradScaler(device.type) if use_amp and amp_dtype == torch.float16 else None
 
-    # ---- data: decode each split once into uint8 tensors; augment on the training device per batch
+    # ---- data: decode each split once into uint8 tensors; augment on the training device per batch.
+    # Under torchrun each machine's local rank 0 makes the demo data and builds the decoded cache while the
+    # other ranks wait at the barrier; they then find everything in place and just open the cache.
+    if ddp and local_rank != 0:
+        dist.barrier()
     if args.demo and not args.resume:
         demo_root = Path(args.out) / "demo_data"
-        print(f"demo: making SYNTHETIC data (car-like drawings, not photos) in {demo_root}")
-        args.data = str(data.make_demo_dataset(demo_root, seed=args.seed, **DEMO_DATA))
+        if local_rank == 0:
+            print(f"demo: making SYNTHETIC data (car-like drawings, not photos) in {demo_root}")
+            args.data = str(data.make_demo_dataset(demo_root, seed=args.seed, **DEMO_DATA))
+        else:
+            args.data = str(demo_root)
     try:
         spec = data.find_dataset(args.data)
     except data.DataError as e:  # say where Stanford Cars goes, and that the demo needs no download
@@ -401,13 +538,23 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
           f"{len(train_records)} train, {len(val_records)} {val_name}")
     train_data = data.decode_cached(train_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="train")
     val_data = data.decode_cached(val_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="val")
+    if ddp and local_rank == 0:
+        dist.barrier()
     if len(train_data.labels) == 0 or len(val_data.labels) == 0:
         raise TrainError(f"{args.data}: no readable training or validation images; check the dataset folder")
     drop_last = len(train_data.labels) > args.batch_size  # a last batch of 1 would break BatchNorm
+    if ddp:
+        # every rank must make the same number of steps (each step all-reduces gradients): always drop the tail
+        drop_last = True
+        if len(train_data.labels) // world < args.batch_size:
+            raise TrainError(f"{len(train_data.labels)} training images give each of the {world} ranks fewer than "
+                             f"--batch-size {args.batch_size} (a per-rank batch); lower --batch-size")
+    # under torchrun each rank reads its own shard: the same (seed, epoch) permutation, positions rank::world;
+    # validation is sharded without padding, and its sums are all-reduced, so each image counts once
     train_loader = data.BatchLoader(train_data, args.batch_size, shuffle=True, drop_last=drop_last,
-                                    device=device, seed=args.seed)
+                                    device=device, seed=args.seed, rank=rank, world_size=world)
     val_loader = data.BatchLoader(val_data, args.batch_size, shuffle=False, drop_last=False, device=device,
-                                  seed=args.seed)
+                                  seed=args.seed, rank=rank, world_size=world)
     transform = data.BatchTransform(prep, augment, erase)
     num_classes = len(spec.class_names)
 
@@ -415,7 +562,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     model_options = dict(out_channels=args.out_channels, dropout=args.dropout, in_channels=prep.channels,
                          width=args.width)
     try:
-        model = build_model(args.arch, num_classes, ghost_op=args.ghost_op, **model_options)
+        model = build_model(args.arch, num_classes, ghost_op=ghost_op, **model_options)
     except ValueError as e:  # e.g. an out-channels or width that the architecture can't take
         raise TrainError(f"{e}; fix the model options (see python train.py --help)") from None
     if args.init_from and resume_ckpt is None:
@@ -423,12 +570,17 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.sync_bn and ddp:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, same state_dict keys
+        sync_ghost_modules(model)
+    # the learning rate is the one given, whatever the world size, unless --scale-lr (linear scaling rule)
+    base_lr = args.lr * world if args.scale_lr else args.lr
     if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=args.wd)
     elif args.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
+        optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=args.wd)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+        optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=args.momentum, weight_decay=args.wd)
     scheduler = make_scheduler(args, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
@@ -449,9 +601,22 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         best = dict(resume_ckpt["best"])
         bad_epochs = resume_ckpt["early_stop"]["bad_epochs"]
         torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        if resume_ckpt["rng"].get("cuda") is not None and device.type == "cuda":
+        if resume_ckpt["rng"].get("cuda") is not None and device.type == "cuda" and not ddp:
             torch.cuda.set_rng_state_all(resume_ckpt["rng"]["cuda"])
-        print(f"resuming {run_dir} after epoch {start_epoch}")
+        saved_world = int(resume_ckpt.get("world_size", 1))
+        if args.scale_lr and saved_world != world:
+            # --scale-lr: the saved learning rates belong to the old world size; rescale them to this one
+            ratio = world / saved_world
+            for g in optimizer.param_groups:
+                g["lr"] *= ratio
+                if "initial_lr" in g:
+                    g["initial_lr"] *= ratio
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [x * ratio for x in scheduler.base_lrs]
+                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+            print(f"--scale-lr: world size {saved_world} -> {world}, learning rates x{ratio:g}")
+        print(f"resuming {run_dir} after epoch {start_epoch}" + (f" with {world} ranks (was {saved_world})"
+                                                                 if saved_world != world else ""))
         if start_epoch >= args.epochs:
             print(f"note: the run already has {start_epoch} epochs (--epochs {args.epochs}); pass a larger "
                   f"--epochs to train on")
@@ -459,10 +624,16 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = args.name or f"{stamp}-{'demo' if args.demo else args.arch}"
         run_dir = Path(args.out) / name
+        if ddp:  # one name for all ranks: rank 0's clock
+            obj = [name]
+            dist.broadcast_object_list(obj, src=0)
+            name = obj[0]
+            run_dir = Path(args.out) / name
         if (run_dir / "last.pt").exists():
             raise TrainError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              f"or pick another --name")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
     # metrics.csv may hold a row for an epoch whose last.pt never landed (killed in between): drop it
     rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= start_epoch]
 
@@ -484,13 +655,25 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         "git_commit": git_commit(), "platform": platform.platform(),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "resumed_after_epoch": start_epoch if resume_ckpt is not None else None,
+        # --batch-size is per rank: the optimizer step sees batch_size x world_size images
+        "distributed": {"world_size": world, "backend": backend, "per_rank_batch": args.batch_size,
+                        "global_batch": args.batch_size * world, "lr": base_lr, "scale_lr": bool(args.scale_lr),
+                        "sync_bn": bool(args.sync_bn and ddp), "ghost_op": ghost_op},
     }
-    atomic_write_text(json.dumps(run_info, indent=2) + "\n", run_dir / "config.json")
+    if is_main:
+        atomic_write_text(json.dumps(run_info, indent=2) + "\n", run_dir / "config.json")
 
-    train_model = torch.compile(model) if args.compile else model  # `model` keeps the plain state_dict names
+    # `model` keeps the plain state_dict names (checkpoints); train_model is what runs the steps
+    train_model = model
+    if ddp:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
     print(f"run: {run_dir}  arch {args.arch} ({n_params / 1e6:.2f} M params)  device {device} "
           f"({run_info['device']['name']})  amp {run_info['amp']['dtype'] if use_amp else 'off'}  "
-          f"img {args.img_size}  batch {args.batch_size}")
+          f"img {args.img_size}  batch {args.batch_size}"
+          + (f" per rank x {world} ranks ({backend}) = {args.batch_size * world}" if ddp else ""))
 
     def checkpoint(epoch: int) -> dict:
         return {
@@ -504,6 +687,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
             "early_stop": {"bad_epochs": bad_epochs},
+            "world_size": world,
         }
 
     def to_input(images: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -519,11 +703,16 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             lr = optimizer.param_groups[0]["lr"]
             train_model.train()
             train_loader.set_epoch(epoch)
-            # augmentation randomness from (seed, epoch) alone, so a resumed epoch sees the same images
-            aug_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+            # augmentation randomness from (seed, epoch) alone, so a resumed epoch sees the same images;
+            # under torchrun also from the rank (other images, other draws) and the same for dropout, so a
+            # resume with any world size is reproducible without per-rank RNG state in the checkpoint
+            aug_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch + 7_919 * rank)
+            if ddp:
+                torch.manual_seed(args.seed * 1_000_003 + epoch + 7_919 * rank)
             loss_sum, seen = 0.0, 0
             correct = torch.zeros((), dtype=torch.long, device=device)  # on the device: no sync per step
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
+                       disable=not is_main)
             for i, (images, labels) in enumerate(bar, 1):
                 x = to_input(images, True, aug_gen)
                 with autocast:
@@ -557,6 +746,14 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                     break
             bar.close()
             train_seconds = time.perf_counter() - t0
+            if ddp:
+                # the logged training numbers cover every rank's images; BN running statistics (buffers) are
+                # rank 0's everywhere, so all ranks validate (and rank 0 saves) the very same model
+                t = torch.tensor([loss_sum, correct.item(), seen], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                loss_sum, correct, seen = t[0].item(), t[1].long(), int(t[2].item())
+                for b in model.buffers():
+                    dist.broadcast(b, 0)
 
             # validation: the same loss as training (as the reference), top-1 and top-5
             train_model.eval()
@@ -570,6 +767,11 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                     v_top1 += (topk[:, 0] == labels).sum().item()
                     v_top5 += (topk == labels[:, None]).any(1).sum().item()
                     v_seen += labels.shape[0]
+            v_seen_rank = v_seen
+            if ddp:  # each rank validated its own unpadded shard: sum, so each image counts exactly once
+                t = torch.tensor([v_loss, v_top1, v_top5, v_seen], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                v_loss, v_top1, v_top5, v_seen = t[0].item(), int(t[1].item()), int(t[2].item()), int(t[3].item())
             val_loss, val_acc, val_top5 = v_loss / v_seen, v_top1 / v_seen, v_top5 / v_seen
             if not math.isfinite(val_loss):
                 raise NonFiniteLoss(f"validation loss became {val_loss} after epoch {epoch} (global step {step})")
@@ -587,9 +789,16 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 bad_epochs = 0
             else:
                 bad_epochs += 1
-            ckpt = checkpoint(epoch)
-            atomic_save(ckpt, run_dir / "last.pt")
-            if is_best:  # best.pt is for using the model: without the resume state, a third of the size
+            if os.environ.get(DDP_DEBUG_ENV) and run_dir.is_dir():  # test hook, see DDP_DEBUG_ENV
+                atomic_write_text(json.dumps({"rank": rank, "world_size": world, "epoch": epoch, "step": step,
+                                              "train_steps": len(train_loader), "val_seen_rank": v_seen_rank,
+                                              "val_seen": v_seen, "val_acc": val_acc, "val_loss": val_loss,
+                                              "state_sha256": state_hash(model.state_dict())}) + "\n",
+                                  run_dir / f"ddp_rank{rank}.json")
+            ckpt = checkpoint(epoch) if is_main else None
+            if is_main:
+                atomic_save(ckpt, run_dir / "last.pt")
+            if is_best and is_main:  # best.pt is for using the model: without the resume state, a third of the size
                 atomic_save({k: v for k, v in ckpt.items()
                              if k not in ("optimizer", "scheduler", "scaler", "rng", "early_stop")},
                             run_dir / "best.pt")
@@ -597,8 +806,9 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             rows.append(dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(seen, 1),
                              train_acc=correct.item() / max(seen, 1), val_loss=val_loss, val_acc=val_acc,
                              val_top5=val_top5, seconds=seconds, img_per_s=seen / train_seconds))
-            write_metrics(rows, run_dir / "metrics.csv")
-            plot_curves(rows, run_dir / "curves.png")
+            if is_main:
+                write_metrics(rows, run_dir / "metrics.csv")
+                plot_curves(rows, run_dir / "curves.png")
             r = rows[-1]
             print(f"epoch {epoch:3d}/{args.epochs}  lr {lr:.2e}  train loss {r['train_loss']:.4f} "
                   f"acc {100 * r['train_acc']:5.1f}%  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}% "
@@ -611,7 +821,9 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 break
     except KeyboardInterrupt:
         done = rows[-1]["epoch"] if rows else 0
-        if done:
+        if not is_main:
+            pass
+        elif done:
             print(f"\ninterrupted in epoch {done + 1}: {run_dir / 'last.pt'} holds epoch {done}, the last completed "
                   f"one (the partial epoch is discarded).\nresume with: python train.py --resume {run_dir}",
                   file=sys.stderr)
@@ -654,11 +866,19 @@ def _ghost_ext_compiled() -> bool | None:
 
 def main(argv: list[str] | None = None) -> int:
     args, explicit = parse_args(argv)
+    stdout = sys.stdout  # train() silences ranks other than 0 under torchrun
     try:
         return train(args, explicit)
     except (TrainError, data.DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK")
+        print(f"error: {'[rank ' + rank + '] ' if rank not in (None, '0') else ''}{e}", file=sys.stderr)
         return 2
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
