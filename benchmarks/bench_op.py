@@ -7,7 +7,9 @@ GhostModule shapes of the reference GhostNet at 227 px.
 
 For every shape: training forward, training forward+backward, eval forward; median times of both
 implementations, their ratio, and the memory-traffic floor (bytes that must be read and written,
-over the bandwidth of a large tensor copy measured in the same run). Also, on CPU, the peak
+over the bandwidth of a large tensor copy measured in the same run). On CUDA two times per case:
+GPU time from CUDA-graph replays (compare it with the floor; eager timing, flagged in the notes,
+where a capture fails) and the eager time of back-to-back Python calls (host overhead included). Also, on CPU, the peak
 memory (max RSS, in fresh subprocesses) of one ghostnet training step at batch 32 with each impl.
 Writes bench_op_<device>.json and .md into $OUT when set, else benchmarks/results/.
 """
@@ -91,37 +93,131 @@ def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / t
 
 
-def bench_shape(sh: dict, batch: int, dtype: torch.dtype, device: str, repeat: int, warmup: int) -> dict:
-    torch.manual_seed(0)  # random (never zero) data, drawn on the device
+def _make_set(sh: dict, batch: int, dtype: torch.dtype, device: str, seed: int) -> dict:
+    """One set of random (never zero) inputs drawn on the device; float32 params, as under autocast."""
+    torch.manual_seed(seed)
     C, OC, H, W, k = sh["C"], sh["out"], sh["H"], sh["W"], sh["k"]
-    x = torch.randn(batch, C, H, W, device=device).to(dtype)
-    weight = torch.randn(C, 1, k, k, device=device) / k  # float32 params, as under autocast
-    gam = torch.rand(C, device=device) + 0.5
-    bet = torch.randn(C, device=device)
-    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    gout = torch.randn(batch, OC, H, W, device=device).to(dtype)
-    xg, wg, gg, bg = (t.clone().requires_grad_() for t in (x, weight, gam, bet))
-    res = {}
-    for impl in ("ext", "torch"):
-        def fwd_train():
-            with torch.no_grad():
-                ghost_ext.ghost_concat(x, weight, gam, bet, rm, rv, True, 0.1, 1e-5, True, OC, impl=impl)
+    t = {"x": torch.randn(batch, C, H, W, device=device).to(dtype),
+         "w": torch.randn(C, 1, k, k, device=device) / k,
+         "g": torch.rand(C, device=device) + 0.5,
+         "b": torch.randn(C, device=device),
+         "rm": torch.zeros(C, device=device), "rv": torch.ones(C, device=device),
+         "gout": torch.randn(batch, OC, H, W, device=device).to(dtype)}
+    t["leaves"] = [t[n].clone().requires_grad_() for n in ("x", "w", "g", "b")]
+    return t
 
-        def fwd_bwd_train():
-            out = ghost_ext.ghost_concat(xg, wg, gg, bg, rm, rv, True, 0.1, 1e-5, True, OC, impl=impl)
-            torch.autograd.backward(out, gout, inputs=[xg, wg, gg, bg])
 
-        def fwd_eval():
-            with torch.no_grad():
-                ghost_ext.ghost_concat(x, weight, gam, bet, rm, rv, False, 0.1, 1e-5, True, OC, impl=impl)
+def _calls(impl: str, oc: int) -> dict:
+    """mode -> fn(input set). fwd+bwd returns the grads (autograd.grad: nothing accumulates), so the
+    same function runs eagerly and inside a CUDA graph with static inputs."""
+    def fwd_train(t):
+        with torch.no_grad():
+            return ghost_ext.ghost_concat(t["x"], t["w"], t["g"], t["b"], t["rm"], t["rv"], True, 0.1, 1e-5, True, oc, impl=impl)
 
-        for mode, fn in (("train_fwd", fwd_train), ("train_fwd_bwd", fwd_bwd_train), ("eval_fwd", fwd_eval)):
-            res.setdefault(mode, {})[impl] = timeit(fn, device, repeat, warmup)
-            xg.grad = wg.grad = gg.grad = bg.grad = None
+    def fwd_bwd_train(t):
+        out = ghost_ext.ghost_concat(*t["leaves"], t["rm"], t["rv"], True, 0.1, 1e-5, True, oc, impl=impl)
+        return torch.autograd.grad(out, t["leaves"], t["gout"])
+
+    def fwd_eval(t):
+        with torch.no_grad():
+            return ghost_ext.ghost_concat(t["x"], t["w"], t["g"], t["b"], t["rm"], t["rv"], False, 0.1, 1e-5, True, oc, impl=impl)
+
+    return {"train_fwd": fwd_train, "train_fwd_bwd": fwd_bwd_train, "eval_fwd": fwd_eval}
+
+
+def _passes(repeat: int, n_sets: int) -> int:
+    """Passes over the input sets per timing round: about repeat / 3 calls per round, 3 rounds."""
+    return max(1, math.ceil(repeat / (3 * n_sets)))
+
+
+def eager_loop_time(fn, sets: list, repeat: int, warmup: int) -> float:
+    """CUDA: seconds per call of back-to-back eager calls (what a Python training loop sees: host
+    overhead and launch gaps included), timed with events around passes over the input sets;
+    median of 3 rounds of about repeat / 3 calls."""
+    for _ in range(warmup):
+        for t in sets:
+            fn(t)
+    torch.cuda.synchronize()
+    passes = _passes(repeat, len(sets))
+    times = []
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(passes):
+            for t in sets:
+                fn(t)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / (passes * len(sets)))
+    return statistics.median(times)
+
+
+def graph_time(fn, sets: list, repeat: int) -> tuple[float | None, str]:
+    """CUDA: seconds per call of GPU time: one call per input set captured into a CUDA graph (after
+    a warm-up on a side stream), replays timed with events, median of 3 rounds of about repeat / 3
+    calls. Launch gaps and host overhead vanish, so this is what compares with the floor.
+    (None, why) when the capture fails (e.g. a host sync in the op): the caller uses eager timing."""
+    graph = None
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for t in sets:
+                fn(t)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for t in sets:
+                fn(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        passes = _passes(repeat, len(sets))
+        times = []
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(passes):
+                graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / (passes * len(sets)))
+        return statistics.median(times), ""
+    except Exception as e:  # capture refused: report it and time eagerly instead
+        torch.cuda.synchronize()
+        return None, f"graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    finally:
+        del graph
+
+
+def bench_shape(sh: dict, batch: int, dtype: torch.dtype, device: str, repeat: int, warmup: int) -> dict:
+    C, OC, H, W = sh["C"], sh["out"], sh["H"], sh["W"]
     es = torch.tensor([], dtype=dtype).element_size()
     nx, nout = batch * C * H * W * es, batch * OC * H * W * es
+    n_sets = 1
+    if device == "cuda":
+        # rotate among enough input sets that they do not all sit in L2 (else replays time the cache)
+        l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
+        n_sets = max(1, min(8, math.ceil(2 * l2 / (nx + 2 * nout))))
+    sets = [_make_set(sh, batch, dtype, device, seed) for seed in range(n_sets)]
+    res, notes = {}, []
+    for impl in ("ext", "torch"):
+        for mode, fn in _calls(impl, OC).items():
+            if device == "cuda":
+                e = eager_loop_time(fn, sets, repeat, warmup)  # first: its warm-up also initialises lazily
+                g, why = graph_time(fn, sets, repeat)
+                if why:
+                    notes.append(f"{sh['name']} {impl} {mode}: {why}; eager time used")
+                res.setdefault(mode, {})[impl] = g if g is not None else e
+                res[mode][impl + "_eager"] = e
+            else:
+                res.setdefault(mode, {})[impl] = timeit(lambda: fn(sets[0]), device, repeat, warmup)
     # floor: x read once + out written once; backward adds grad_out read, x read, grad_x written
     res["bytes"] = {"train_fwd": nx + nout, "train_fwd_bwd": 2 * (nx + nout) + nx, "eval_fwd": nx + nout}
+    res["notes"] = notes
+    del sets
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return res
 
 
@@ -169,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", help="default: 32 on CPU, 64 256 on CUDA")
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--img", type=int, default=227)
-    ap.add_argument("--repeat", type=int, help="timed runs per case (default 7 CPU, 50 CUDA; --quick: 2 / 10)")
+    ap.add_argument("--repeat", type=int, help="timed calls per case (default 7 CPU, 50 CUDA; --quick: 2 / 10); "
+                    "CUDA: 3 rounds of about repeat / 3 calls, for the graph replays and for eager")
     ap.add_argument("--quick", action="store_true", help="few repeats; a smoke test, not a measurement")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (CPU)")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -185,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     batches = args.batch or ([32] if args.device == "cpu" else [64, 256])
     repeat = args.repeat or ((2 if args.quick else 7) if args.device == "cpu" else (10 if args.quick else 50))
-    warmup = 1 if args.device == "cpu" else 5
+    warmup = 1 if args.device == "cpu" else 2
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = ghost_shapes(args.img)
@@ -194,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": args.device, "machine": machine_info(args.device), "repeat": repeat, "warmup": warmup,
-              "copy_bandwidth_GBps": bw / 1e9, "note": args.note, "runs": []}
+              "copy_bandwidth_GBps": bw / 1e9, "note": args.note, "notes": [], "runs": []}
+    if args.device == "cuda":
+        result["timing"] = ("ext_ms/torch_ms = GPU time per call from CUDA-graph replays (eager time where the "
+                            "capture failed: see notes); *_eager_ms = back-to-back eager calls (host overhead included)")
     modes = ("train_fwd", "train_fwd_bwd", "eval_fwd")
     for batch in batches:
         for dt in args.dtype:
@@ -202,17 +302,29 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for sh in tqdm(shapes, desc=f"{args.device} batch {batch} {dt}"):
                 r = bench_shape(sh, batch, dtype, args.device, repeat, warmup)
-                rows.append({**sh, **{m: {"ext_ms": r[m]["ext"] * 1e3, "torch_ms": r[m]["torch"] * 1e3,
-                                           "speedup": r[m]["torch"] / r[m]["ext"],
-                                           "floor_ms": r["bytes"][m] / bw * 1e3} for m in modes}})
+                row = {**sh, **{m: {"ext_ms": r[m]["ext"] * 1e3, "torch_ms": r[m]["torch"] * 1e3,
+                                    "speedup": r[m]["torch"] / r[m]["ext"],
+                                    "floor_ms": r["bytes"][m] / bw * 1e3} for m in modes}}
+                if args.device == "cuda":
+                    for m in modes:
+                        row[m]["ext_eager_ms"] = r[m]["ext_eager"] * 1e3
+                        row[m]["torch_eager_ms"] = r[m]["torch_eager"] * 1e3
+                row["notes"] = r["notes"]
+                result["notes"] += r["notes"]
+                rows.append(row)
             totals = {}
             for m in modes:
                 e = sum(r[m]["ext_ms"] for r in rows)
                 t = sum(r[m]["torch_ms"] for r in rows)
                 f = sum(r[m]["floor_ms"] for r in rows)
                 totals[m] = {"ext_ms": e, "torch_ms": t, "speedup": t / e, "floor_ms": f, "ext_over_floor": e / f}
+                if args.device == "cuda":
+                    ee = sum(r[m]["ext_eager_ms"] for r in rows)
+                    te = sum(r[m]["torch_eager_ms"] for r in rows)
+                    totals[m].update(ext_eager_ms=ee, torch_eager_ms=te, eager_speedup=te / ee)
             result["runs"].append({"batch": batch, "dtype": dt, "shapes": rows, "totals": totals})
             print(f"batch {batch} {dt}: " + ", ".join(f"{m} {totals[m]['speedup']:.2f}x" for m in modes), flush=True)
+            write(result, out_dir)  # after every run: a time limit that cuts the benchmark keeps what it measured
 
     if args.device == "cpu" and not args.no_memory:
         if (REPO / "model.py").exists():
@@ -223,20 +335,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result["memory"] = {"error": "model.py not found"}
 
-    tag = args.device
-    (out_dir / f"bench_op_{tag}.json").write_text(json.dumps(result, indent=1))
-    (out_dir / f"bench_op_{tag}.md").write_text(to_markdown(result))
+    write(result, out_dir)
     print(summary(result))
-    print(f"wrote {out_dir / f'bench_op_{tag}.json'} and .md")
+    print(f"wrote {out_dir / f'bench_op_{args.device}.json'} and .md")
     return 0
 
 
+def write(result: dict, out_dir: Path) -> None:
+    tag = result["device"]
+    (out_dir / f"bench_op_{tag}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"bench_op_{tag}.md").write_text(to_markdown(result))
+
+
 def summary(res: dict) -> str:
-    lines = [f"{'batch':>5} {'dtype':>8} | {'mode':<14} {'ext ms':>9} {'torch ms':>9} {'speedup':>7} {'floor ms':>9}"]
+    cuda = res["device"] == "cuda"
+    head = "graph ms" if cuda else "ms"
+    lines = [f"{'batch':>5} {'dtype':>8} | {'mode':<14} {'ext ' + head:>13} {'torch ' + head:>14} {'speedup':>7} {'floor ms':>9}"
+             + (f" | {'ext eager':>9} {'torch eager':>11} {'speedup':>7}" if cuda else "")]
     for run in res["runs"]:
         for m, t in run["totals"].items():
-            lines.append(f"{run['batch']:>5} {run['dtype']:>8} | {m:<14} {t['ext_ms']:9.2f} {t['torch_ms']:9.2f} "
-                         f"{t['speedup']:6.2f}x {t['floor_ms']:9.2f}")
+            line = (f"{run['batch']:>5} {run['dtype']:>8} | {m:<14} {t['ext_ms']:13.2f} {t['torch_ms']:14.2f} "
+                    f"{t['speedup']:6.2f}x {t['floor_ms']:9.2f}")
+            if cuda:
+                line += f" | {t['ext_eager_ms']:9.2f} {t['torch_eager_ms']:11.2f} {t['eager_speedup']:6.2f}x"
+            lines.append(line)
+    for n in res.get("notes", [])[:10]:
+        lines.append(f"note: {n}")
     mem = res.get("memory")
     if mem and "ext" in mem:
         for impl in ("ext", "torch"):
@@ -252,24 +376,39 @@ def to_markdown(res: dict) -> str:
            f"- date: {res['date']}; command: `{res['command']}`",
            f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}" + (f", {m['gpu']}" if "gpu" in m else ""),
            f"- versions: python {m['python']}, torch {m['torch']} (CUDA {m['cuda']})",
-           f"- median of {res['repeat']} runs after {res['warmup']} warm-up; copy bandwidth "
-           f"{res['copy_bandwidth_GBps']:.1f} GB/s (read + write), used for the floor",
+           (f"- GPU time: one call per input set (enough sets to exceed 2x L2) captured in a CUDA graph, "
+            f"replays timed with events, median of 3 rounds of about {res['repeat']} // 3 calls; eager: the same calls back "
+            f"to back from Python after {res['warmup']} warm-up passes (median of 3 rounds, host overhead included)"
+            if res["device"] == "cuda" else f"- median of {res['repeat']} runs after {res['warmup']} warm-up")
+           + f"; copy bandwidth {res['copy_bandwidth_GBps']:.1f} GB/s (read + write), used for the floor",
            "- ext = ghost_ext kernels, torch = reference.py (conv2d + batch_norm + relu + cat);"
            " float32 weights/BN tensors for every x dtype (as under autocast)"]
     if res.get("note"):
         out.append(f"- note: {res['note']}")
     out.append("")
+    cuda = res["device"] == "cuda"
+    if res.get("notes"):
+        out += ["", "Notes (graph capture failures fall back to eager timing):", ""] + [f"- {n}" for n in res["notes"]]
+        out.append("")
+    g = "GPU (graph) " if cuda else ""
     for run in res["runs"]:
         out += [f"## batch {run['batch']}, {run['dtype']}", "",
-                "| mode | ext ms | torch ms | speedup | floor ms | ext / floor |", "|---|---:|---:|---:|---:|---:|"]
+                f"| mode | ext {g}ms | torch {g}ms | speedup | floor ms | ext / floor |"
+                + (" ext eager ms | torch eager ms | eager speedup |" if cuda else ""),
+                "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if cuda else "")]
         for mode, t in run["totals"].items():
             out.append(f"| {mode} (sum of 32) | {t['ext_ms']:.2f} | {t['torch_ms']:.2f} | {t['speedup']:.2f}x | "
-                       f"{t['floor_ms']:.2f} | {t['ext_over_floor']:.1f} |")
-        out += ["", "| shape | C | out | HxW | train fwd ext/torch ms | train fwd+bwd ext/torch ms | eval fwd ext/torch ms |",
-                "|---|---:|---:|---|---|---|---|"]
+                       f"{t['floor_ms']:.2f} | {t['ext_over_floor']:.1f} |"
+                       + (f" {t['ext_eager_ms']:.2f} | {t['torch_eager_ms']:.2f} | {t['eager_speedup']:.2f}x |" if cuda else ""))
+        out += ["", f"| shape | C | out | HxW | train fwd ext/torch {g}ms | train fwd+bwd ext/torch {g}ms | "
+                f"eval fwd ext/torch {g}ms |" + (" train fwd+bwd eager ext/torch ms |" if cuda else ""),
+                "|---|---:|---:|---|---|---|---|" + ("---|" if cuda else "")]
         for r in run["shapes"]:
             cells = [f"{r[mo]['ext_ms']:.3f} / {r[mo]['torch_ms']:.3f} ({r[mo]['speedup']:.2f}x)"
                      for mo in ("train_fwd", "train_fwd_bwd", "eval_fwd")]
+            if cuda:
+                fb = r["train_fwd_bwd"]
+                cells.append(f"{fb['ext_eager_ms']:.3f} / {fb['torch_eager_ms']:.3f}")
             out.append(f"| {r['name']} | {r['C']} | {r['out']} | {r['H']}x{r['W']} | " + " | ".join(cells) + " |")
         out.append("")
     mem = res.get("memory")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check, about 3-5 minutes on an H100 (step limits add up to under 8 minutes): build ghost_ext with its CUDA kernels, run the op's
+# One GPU check, about 3-4 minutes on an H100 (step limits add up to 9 minutes): build ghost_ext with its CUDA kernels, run the op's
 # tests (CUDA and CPU), benchmark the op on CUDA and run a short training-throughput benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; needs nvcc, a CUDA torch, a GPU; no network
@@ -83,15 +83,20 @@ fi
     grep -E "^(FAILED|ERROR)" "$RES/pytest_cuda.log" 2>/dev/null | head -n 15
     tail -n 1 "$RES/pytest_cuda.log" 2>/dev/null
     if [ -f "$RES/bench_op_cuda.json" ]; then
-        echo "--- bench_op (sum over the 32 GhostNet shapes; speedup = torch / ext):"
+        echo "--- bench_op (sum over the 32 GhostNet shapes; speedup = torch / ext; GPU = CUDA-graph replay time, eager = Python loop):"
         "$PY" - "$RES/bench_op_cuda.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{r['machine'].get('gpu', '?')}, copy {r['copy_bandwidth_GBps']:.0f} GB/s")
 for run in r["runs"]:
     for m, t in run["totals"].items():
-        print(f"  batch {run['batch']:>4} {run['dtype']:>9} {m:<14} ext {t['ext_ms']:8.2f} ms  torch {t['torch_ms']:8.2f} ms"
-              f"  {t['speedup']:5.2f}x  floor {t['floor_ms']:7.2f} ms")
+        line = (f"  batch {run['batch']:>4} {run['dtype']:>9} {m:<14} GPU ext {t['ext_ms']:7.2f} torch {t['torch_ms']:7.2f} ms"
+                f" {t['speedup']:5.2f}x floor {t['floor_ms']:6.2f}")
+        if "ext_eager_ms" in t:
+            line += f" | eager ext {t['ext_eager_ms']:7.2f} torch {t['torch_eager_ms']:7.2f} ms {t['eager_speedup']:5.2f}x"
+        print(line)
+for n in r.get("notes", [])[:8]:
+    print("  note:", n)
 EOF
     fi
     if [ -f "$RES/bench_train_cuda.md" ]; then

@@ -13,7 +13,6 @@ tests see the kernels themselves); "torch" = the reference.
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 
@@ -86,6 +85,10 @@ def _cuda_self_check(device: torch.device) -> bool:
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return True  # cannot run eagerly here; the first eager call checks
     ok, why = True, ""
+    # Compare in full float32: with TF32 allowed (cuDNN's default) the reference itself is only
+    # ~1e-3 accurate. Restored in finally.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.inference_mode(False), torch.enable_grad():
             g = torch.Generator(device="cpu").manual_seed(1234)
@@ -109,6 +112,8 @@ def _cuda_self_check(device: torch.device) -> bool:
                         break
     except Exception as e:  # a kernel that does not run is a failed check, not a crash
         ok, why = False, f"{type(e).__name__}: {e}"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     if not ok:
         warnings.warn(f"ghost_ext: CUDA kernels disagree with the reference on cuda:{idx} ({why}); "
                       "using the plain-PyTorch reference on this device", stacklevel=3)
@@ -126,6 +131,12 @@ def _reference(x, weight, bn_weight, bn_bias, running_mean, running_var, trainin
                                   momentum, eps, relu, out_channels)
 
 
+# Dispatch decisions already taken: (impl, device, dtype) -> True once the extension was chosen
+# (after the CUDA self-check). The hot path is then one dict lookup; a negative decision is not
+# cached so its checks (and one-time warning) run as before.
+_use_ext_cache: dict = {}
+
+
 def ghost_concat(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
                  running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, momentum: float,
                  eps: float, relu: bool, out_channels: int, impl: str = "auto") -> torch.Tensor:
@@ -134,23 +145,30 @@ def ghost_concat(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor,
 
     impl: "auto" (extension when built for x's device, else the reference with one warning),
     "ext" (the extension, error when missing) or "torch" (the reference)."""
-    if not _use_ext(impl, x):
-        return _reference(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                          eps, relu, out_channels)
+    key = (impl, x.device, x.dtype)
+    if _EXT_ERROR is not None or key not in _use_ext_cache:  # _EXT_ERROR: tests monkeypatch it
+        if not _use_ext(impl, x):
+            return _reference(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum,
+                              eps, relu, out_channels)
+        if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _use_ext_cache[key] = True
     c = x.shape[1]
     if not c <= out_channels <= 2 * c:
         raise ValueError(f"ghost_concat: out_channels={out_channels} must lie in [C, 2C] = [{c}, {2 * c}]")
-    if training:
-        F._verify_batch_size(x.size())  # same error as nn.BatchNorm2d for one value per channel
+    if training and c and x.numel() == c:  # nn.BatchNorm2d's check (F._verify_batch_size), minus its Python loop
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     # No autocast kernel is registered, so under autocast the op receives x (bf16/fp16, from the
     # autocast 1x1 conv) and the float32 parameters untouched; the kernels read both in float.
     out, mean, _invstd, var = torch.ops.ghost_ext.ghost_concat(
         x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, relu, out_channels)
     if training and running_mean is not None and running_var is not None:
-        # The op is functional (see csrc/ghost.cpp); the running update is two in-place ops, traced
-        # like nn.BatchNorm2d's own. running_var uses the unbiased variance, as BatchNorm does.
-        m = x.numel() // c
+        # The op is functional (see csrc/ghost.cpp) and returns the UNBIASED batch variance, so the
+        # update running = (1 - momentum) * running + momentum * batch is one lerp of both buffers:
+        # one fused launch on CUDA, traced like nn.BatchNorm2d's own in-place buffer update.
         with torch.no_grad():
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * m / (m - 1))
+            if running_mean.dtype == mean.dtype and running_var.dtype == mean.dtype:
+                torch._foreach_lerp_((running_mean, running_var), (mean, var), momentum)
+            else:  # e.g. a model moved to bfloat16: stats in the buffers' dtype
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(var.to(running_var.dtype), momentum)
     return out

@@ -1,6 +1,7 @@
 """Python-side registrations of the compiled op ghost_ext::ghost_concat (defined in csrc/ghost.cpp):
-fake (meta) kernels, so torch.compile / torch.export can trace it without running it, and autograd,
-through torch.library. Imported by ghost_ext/__init__.py only after ghost_ext._C has loaded."""
+fake (meta) kernels through torch.library, so torch.compile / torch.export can trace the op (and
+its C++ autograd, csrc/ghost.cpp) without running it. Imported by ghost_ext/__init__.py only after
+ghost_ext._C has loaded."""
 import torch
 
 
@@ -33,20 +34,5 @@ def _ghost_concat_backward_fake(grad_out, x, weight, bn_weight, bn_bias, mean, i
     return grad_x, weight.new_empty(weight.shape), bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bn_weight, bn_bias, _rm, _rv, training, _eps, relu, out_channels = inputs
-    _out, mean, invstd, _var = output
-    # x and the per-channel statistics only (weight/BN tensors are parameters, alive anyway):
-    # backward recomputes the depthwise output from x instead of keeping it.
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, invstd)
-    ctx.training, ctx.relu, ctx.out_channels = training, relu, out_channels
-
-
-def _backward(ctx, grad_out, _g_mean, _g_invstd, _g_var):
-    x, weight, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-    gx, gw, gg, gb = torch.ops.ghost_ext.ghost_concat_backward(
-        grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.training, ctx.relu, ctx.out_channels)
-    return gx, gw, gg, gb, None, None, None, None, None, None
-
-
-torch.library.register_autograd("ghost_ext::ghost_concat", _backward, setup_context=_setup_context)
+# Autograd is registered in C++ (csrc/ghost.cpp, GhostConcatFunction): the Python path
+# (torch.library.register_autograd) cost tens of microseconds of host time per call.

@@ -26,6 +26,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Full float32 in every comparison: on CUDA, cuDNN/cuBLAS may run float32 convolutions and
+    matmuls in TF32 by default (allow_tf32), which makes a float32 *reference* only ~1e-3 accurate
+    and its roundings grow through a whole network. Restored after each test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     """||a - b|| / max(||b||, floor * sqrt(numel)); the floor keeps quantities that are analytically
     zero (e.g. grad of a 1x1 depthwise weight under batch-statistics BN) from comparing noise to noise."""
@@ -71,8 +85,22 @@ def compare(x, weight, bn_w, bn_b, rm, rv, training, relu, oc, seed=0, tol=None)
     names = ["out", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias", "running_mean", "running_var"]
     assert got[0].dtype == x.dtype and got[0].shape == (n, oc, h, w)
     assert got[1].dtype == x.dtype and got[2].dtype == weight.dtype and got[3].dtype == bn_w.dtype
-    for name, a, b in zip(names, got, want):
+    ref32 = None
+    for i, (name, a, b) in enumerate(zip(names, got, want)):
         e = rel_err(a, b, floor=1.0)  # inputs and grad_out are O(1)
+        if e >= tol and x.dtype == torch.float32:
+            # Some quantities are ill-conditioned in float32 whatever computes them: the grad of a
+            # k=1 depthwise weight under batch-statistics BN is analytically ~0 (BN undoes the
+            # scale), a cancellation of N*H*W terms of size ~invstd. There the bar is the float32
+            # reference's own error (full float32, no TF32) on the same inputs, within 4x. That error
+            # varies with the summation order, so take the larger of two samples: the reference on
+            # x's device and on the CPU.
+            if ref32 is None:
+                ref32 = [run("torch", *[t.to(dev) for t in (x, weight, bn_w, bn_b, rm, rv)], training, relu, oc,
+                             gout.to(dev)) for dev in {x.device, torch.device("cpu")}]
+            e32 = max(rel_err(r[i].to(b.device), b, floor=1.0) for r in ref32)
+            assert e < 4 * e32, f"{name}: relative error {e:.3g} >= {tol:g} and >= 4x the float32 reference's {e32:.3g}"
+            continue
         assert e < tol, f"{name}: relative error {e:.3g} >= {tol:g}"
     return got
 
@@ -145,6 +173,15 @@ def test_seeded_random_shapes(device):
         dtype = rng.choice([torch.float32, torch.float64])
         t = make_inputs(n, c, h, w, k, dtype, device, rng.random() < 0.5, seed=i)
         compare(*t, training, rng.random() < 0.5, oc, seed=i)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_k1_grad_weight_float32_bar(device):
+    """k=1, training, large N*H*W: grad_weight is a cancellation (analytically ~0); the extension
+    must be as accurate as the float32 reference itself (the tolerance rule in compare())."""
+    t = make_inputs(8, 8, 57, 57, 1, torch.float32, device, seed=9)
+    compare(*t, True, True, 16)
 
 
 @needs_ext
@@ -448,6 +485,56 @@ def test_cuda_poisoned_outputs_fully_written():
         junk = torch.full((6 * 48 * 23 * 23 * 4,), float("nan"), device="cuda")
         del junk
         compare(*t, True, True, 41)
+
+
+def _graph_capture(fn):
+    """Warm fn up on a side stream (as torch.cuda.graphs documents), then capture it; returns
+    (graph, static outputs)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    return graph, static
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the extension's CUDA kernels")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_graph_capture_matches_eager(channels_last):
+    """The op (forward + autograd backward + running-stat update, and eval) is CUDA-graph
+    capturable: no host sync, no per-call host tensors; replays give the eager results bitwise."""
+    x, w, gb, bb, rm0, rv0 = make_inputs(4, 16, 14, 14, 3, device="cuda", channels_last=channels_last, seed=5)
+    gout = torch.randn(4, 30, 14, 14, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (x, w, gb, bb)]
+    rm, rv = rm0.clone(), rv0.clone()
+
+    def train_step():
+        out = ghost_ext.ghost_concat(*leaves, rm, rv, True, 0.1, 1e-5, True, 30, impl="ext")
+        return [out, *torch.autograd.grad(out, leaves, gout)]
+
+    def eval_step():
+        with torch.no_grad():
+            return [ghost_ext.ghost_concat(x, w, gb, bb, rm, rv, False, 0.1, 1e-5, True, 30, impl="ext")]
+
+    graph, static = _graph_capture(train_step)
+    want = run("ext", x, w, gb, bb, rm0, rv0, True, True, 30, gout)
+    for step in range(2):  # replays update the running stats like eager steps
+        rm.copy_(rm0)
+        rv.copy_(rv0)
+        graph.replay()
+        torch.cuda.synchronize()
+        for name, a, b in zip(["out", "grad_x", "grad_w", "grad_bn_w", "grad_bn_b"], static, want):
+            assert torch.equal(a, b), f"{name} differs after replay {step}"
+        assert torch.equal(rm, want[5]) and torch.equal(rv, want[6])
+    graph_e, static_e = _graph_capture(eval_step)
+    graph_e.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_e[0], eval_step()[0])
 
 
 @needs_ext

@@ -9,11 +9,12 @@
 // backward is the least exercised corner of torch.library. The Python wrapper
 // (ghost_ext/__init__.py) updates running_mean / running_var with in-place ATen ops under
 // no_grad, which every tracer already understands (nn.BatchNorm2d's buffer update is traced the
-// same way). The cost is four tiny (C,)-sized ops per call.
+// same way). The cost is one fused foreach launch per training call.
 //
 // Returns (out, mean, invstd, var): mean/invstd are what the forward normalised with (batch
 // statistics in training, running statistics in eval) and all backward needs besides x; var is
-// the biased batch variance (running_var in eval) for the running update.
+// the UNBIASED batch variance (running_var in eval), so the running update is one lerp:
+// torch._foreach_lerp_([running_mean, running_var], [mean, var], momentum).
 
 #include <Python.h>
 
@@ -22,14 +23,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "ghost_host.h"
+#include "ghost_cpu_nhwc.h"  // eval forward on channels_last x, no layout conversion
 
 namespace ghost {
 namespace {
@@ -170,7 +175,8 @@ void forward_cpu_kernel(const Tensor& x, const Tensor& wacc, const Tensor& gamma
   acc_t* isd = invstd_t.mutable_data_ptr<acc_t>();
   acc_t* vd = var_t.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  // work-based grain: small maps (the late stages at batch 1) stay on the calling thread
+  at::parallel_for(0, C, nhwc::grain_for(N * HW * (1 + K * K)), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> xbuf(std::is_same_v<scalar_t, acc_t> ? 0 : HW);
     // training keeps the whole channel's conv output (N*HW) so the statistics need no recompute
     std::vector<acc_t> ybuf(training ? N * HW : W);
@@ -193,7 +199,8 @@ void forward_cpu_kernel(const Tensor& x, const Tensor& wacc, const Tensor& gamma
         const acc_t var = static_cast<acc_t>(s2 / static_cast<double>(N * HW));
         const acc_t invstd = invstd_of(var, eps);
         md[c] = mean;
-        vd[c] = var;
+        // the op's var output is the unbiased variance (what the running update wants)
+        vd[c] = N * HW > 1 ? static_cast<acc_t>(s2 / static_cast<double>(N * HW - 1)) : acc_t(0);
         isd[c] = invstd;
         if (c < NY) {
           acc_t scale, shift;
@@ -341,13 +348,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cpu(
   const auto fmt = out_format(x_in);
   const int64_t C = x_in.size(1);
   const int64_t K = weight.size(2);
-  // The CPU kernels work on NCHW planes; channels_last input is converted here and the output
-  // converted back (two extra copies; the CUDA kernels handle channels_last natively).
-  const Tensor x = x_in.contiguous();
+  // The NCHW kernel below works on (n, c) planes: channels_last input is converted here and the
+  // output converted back (two extra copies), except in eval, where nhwc::forward_eval
+  // (ghost_cpu_nhwc.h) reads and writes channels_last directly (the BN-folded inference path).
+  const bool nhwc_eval = !training && fmt == at::MemoryFormat::ChannelsLast;
+  const Tensor x = nhwc_eval ? x_in : x_in.contiguous();
   const Tensor wacc = as_acc(weight, acc).view({C, K, K});
   const Tensor gamma = as_acc(bn_weight, acc).view({C});
   const Tensor beta = as_acc(bn_bias, acc).view({C});
-  Tensor out = at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options());
+  Tensor out = nhwc_eval ? Tensor() : at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options());
   Tensor mean, invstd, var;
   if (training) {
     mean = at::empty({C}, x.options().dtype(acc));
@@ -357,9 +366,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cpu(
     TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->numel() == C &&
                     running_var->numel() == C,
                 "ghost_concat: eval mode needs running_mean/running_var with C=", C, " elements");
-    mean = running_mean->to(acc).contiguous().view({C}).clone();
-    var = running_var->to(acc).contiguous().view({C}).clone();
-    invstd = (var + eps).rsqrt();
+    // one small host loop instead of clone/clone/add/rsqrt (per-call overhead)
+    const Tensor rm = as_acc(*running_mean, acc), rv = as_acc(*running_var, acc);
+    mean = at::empty({C}, x.options().dtype(acc));
+    invstd = at::empty({C}, x.options().dtype(acc));
+    var = at::empty({C}, x.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "ghost_concat_cpu_eval_stats", [&] {
+      const scalar_t* rmd = rm.const_data_ptr<scalar_t>();
+      const scalar_t* rvd = rv.const_data_ptr<scalar_t>();
+      scalar_t* md = mean.mutable_data_ptr<scalar_t>();
+      scalar_t* isd = invstd.mutable_data_ptr<scalar_t>();
+      scalar_t* vd = var.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        md[c] = rmd[c];
+        vd[c] = rvd[c];
+        isd[c] = invstd_of(rvd[c], static_cast<scalar_t>(eps));
+      }
+    });
+  }
+  if (nhwc_eval) return {nhwc::forward_eval(x, wacc, gamma, beta, mean, invstd, relu, out_channels), mean, invstd, var};
+  if (training && x.numel() == 0) {  // nothing to normalise: the running statistics (the update is a no-op), else NaN
+    if (running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined()) {
+      mean.copy_(running_mean->view({C}));
+      var.copy_(running_var->view({C}));
+      invstd.copy_((var + eps).rsqrt());
+    } else {
+      mean.fill_(std::numeric_limits<double>::quiet_NaN());
+      invstd.fill_(std::numeric_limits<double>::quiet_NaN());
+      var.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
   }
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_cpu", [&] {
@@ -392,9 +427,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_backward_cpu(
   const Tensor m = as_acc(mean, acc).view({C});
   const Tensor is = as_acc(invstd, acc).view({C});
   Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  Tensor gw = at::zeros({C, K * K}, x.options().dtype(acc));
-  Tensor gg = at::zeros({C}, x.options().dtype(acc));
-  Tensor gb = at::zeros({C}, x.options().dtype(acc));
+  // the kernel writes every channel's gradients (zeros for channels >= NY); zeros only when it does not run
+  const auto alloc = [&](at::IntArrayRef size) {
+    return x.numel() > 0 ? at::empty(size, x.options().dtype(acc)) : at::zeros(size, x.options().dtype(acc));
+  };
+  Tensor gw = alloc({C, K * K});
+  Tensor gg = alloc({C});
+  Tensor gb = alloc({C});
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -404,6 +443,66 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_backward_cpu(
   if (fmt == at::MemoryFormat::ChannelsLast) gx = gx.contiguous(at::MemoryFormat::ChannelsLast);
   return {gx, gw.view(weight.sizes()).to(weight.scalar_type()), gg.to(bn_weight.scalar_type()),
           gb.to(bn_bias.scalar_type())};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd, in C++ (for both devices: it only redispatches to the ops). A Python autograd
+// registration (torch.library.register_autograd) costs tens of microseconds of host time per
+// call in forward and again in backward; this path keeps the per-call host overhead at the
+// dispatcher's. Saved for backward: x, the parameters and the per-channel statistics only;
+// backward recomputes the depthwise output from x. torch.compile / torch.export trace through
+// it with the fake kernels (ghost_ext/ops.py).
+class GhostConcatFunction : public torch::autograd::Function<GhostConcatFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                                                const Tensor& weight, const Tensor& bn_weight, const Tensor& bn_bias,
+                                                const std::optional<Tensor>& running_mean,
+                                                const std::optional<Tensor>& running_var, bool training, double eps,
+                                                bool relu, int64_t out_channels) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ghost_ext::ghost_concat", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                             const std::optional<Tensor>&, bool, double, bool, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, mean, invstd, var] =
+        op.call(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, relu, out_channels);
+    ctx->save_for_backward({x, weight, bn_weight, bn_bias, mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["out_channels"] = out_channels;
+    ctx->mark_non_differentiable({mean, invstd, var});
+    return {out, mean, invstd, var};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ghost_ext::ghost_concat_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, bool, bool, int64_t)>();
+    torch::autograd::variable_list result(10);  // one per forward argument; undefined = no gradient
+    if (!grads[0].defined()) return result;     // the output itself was not used
+    const auto saved = ctx->get_saved_variables();
+    auto [gx, gw, gg, gb] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                    ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
+                                    ctx->saved_data["out_channels"].toInt());
+    result[0] = gx;
+    result[1] = gw;
+    result[2] = gg;
+    result[3] = gb;
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_autograd(
+    const Tensor& x, const Tensor& weight, const Tensor& bn_weight, const Tensor& bn_bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training,
+    double eps, bool relu, int64_t out_channels) {
+  auto r = GhostConcatFunction::apply(x, weight, bn_weight, bn_bias, running_mean, running_var, training, eps, relu,
+                                      out_channels);
+  return {r[0], r[1], r[2], r[3]};
 }
 
 }  // namespace
@@ -418,6 +517,10 @@ TORCH_LIBRARY(ghost_ext, m) {
       "ghost_concat_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
       "Tensor mean, Tensor invstd, bool training, bool relu, int out_channels) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ghost_ext, Autograd, m) {
+  m.impl("ghost_concat", &ghost::ghost_concat_autograd);
 }
 
 TORCH_LIBRARY_IMPL(ghost_ext, CPU, m) {

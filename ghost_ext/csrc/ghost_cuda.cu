@@ -5,9 +5,10 @@
 //
 // Training forward: stats (conv recomputed, Welford partials) -> finalize (mean, var, invstd)
 //                   -> apply (conv recomputed, BN, ReLU, both halves of the output written once).
-// Eval forward:     apply only (the running statistics are folded per channel).
-// Backward:         reduce sum(g), sum(g*yhat) -> sum partials -> dy (float workspace)
-//                   -> grad_x (= grad_out + conv_transpose(dy)) and grad_w partials -> sum partials.
+// Eval forward:     apply only (the running statistics are folded per channel in the kernel).
+// Backward:         reduce sum(g), sum(g*yhat) -> sum partials (= grad_bn_bias, grad_bn_weight)
+//                   -> dy (float workspace) -> grad_x (= grad_out + conv_transpose(dy)) and grad_w
+//                   partials -> sum partials. Five launches; no fills (zero rows written in-kernel).
 // Reading x twice instead of storing the depthwise output keeps the forward at one write of the
 // output; the recomputed k*k taps hit L1/L2.
 
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_kernel(Geom g, int iters, 
   }
 }
 
-// One block per channel: merge the G partials (fixed order), write mean, biased var, invstd.
+// One block per channel: merge the G partials (fixed order), write mean, unbiased var, invstd.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(int64_t C, int64_t G, const acc_t* __restrict__ part,
                                                                 acc_t eps, acc_t* mean, acc_t* invstd, acc_t* var) {
@@ -168,25 +169,44 @@ __global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(int64_t C, int64
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    const acc_t v = sn[0] > acc_t(0) ? sm2[0] / sn[0] : acc_t(0);
+    const acc_t v = sn[0] > acc_t(0) ? sm2[0] / sn[0] : acc_t(0);  // biased: what BN normalises with
     mean[c] = smean[0];
-    var[c] = v;
+    var[c] = sn[0] > acc_t(1) ? sm2[0] / (sn[0] - acc_t(1)) : acc_t(0);  // unbiased: for the running update
     invstd[c] = invstd_of(v, eps);
   }
 }
 
 // out[:, c] = x[:, c]; out[:, C + c] = relu?(bn(conv(x)[:, c])) for c < NY.
+// Training: stats = (mean, invstd) written by fwd_finalize_kernel. Eval: stats = (running_mean,
+// running_var), folded here, and the blocks of chunk 0 also write the op's (mean, invstd, var)
+// outputs, so eval needs no other launch.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) fwd_apply_kernel(Geom g, int iters, const scalar_t* __restrict__ x,
-                                                             const acc_t* __restrict__ w, const acc_t* __restrict__ mean,
-                                                             const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma,
-                                                             const acc_t* __restrict__ beta, bool relu, scalar_t* __restrict__ out) {
+                                                             const acc_t* __restrict__ w, bool training,
+                                                             const acc_t* __restrict__ stat0, const acc_t* __restrict__ stat1,
+                                                             acc_t eps, const acc_t* __restrict__ gamma,
+                                                             const acc_t* __restrict__ beta, bool relu, scalar_t* __restrict__ out,
+                                                             acc_t* __restrict__ mean_out, acc_t* __restrict__ invstd_out,
+                                                             acc_t* __restrict__ var_out) {
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y * iters + threadIdx.y;
   const bool cheap = c < g.NY;
+  const acc_t m = stat0[c];
+  acc_t is;
+  if (training) {
+    is = stat1[c];
+  } else {
+    const acc_t v = stat1[c];
+    is = invstd_of(v, eps);
+    if (blockIdx.x == 0 && threadIdx.y == 0) {
+      mean_out[c] = m;
+      invstd_out[c] = is;
+      var_out[c] = v;
+    }
+  }
   acc_t scale = acc_t(0), shift = acc_t(0);
-  if (cheap) bn_fold(mean[c], invstd[c], gamma[c], beta[c], scale, shift);
+  if (cheap) bn_fold(m, is, gamma[c], beta[c], scale, shift);
   const acc_t* wk = w + c * g.K * g.K;
   for (int i = 0; i < iters; ++i) {
     const int64_t p = base + static_cast<int64_t>(i) * blockDim.y;
@@ -239,13 +259,23 @@ __global__ void __launch_bounds__(kThreads) bwd_reduce_kernel(Geom g, int iters,
   }
 }
 
-// out[r] = sum_j part[r * G + j], one block per row, fixed order.
+// out[r] = sum_j part[r * G + j] for r < valid, 0 for valid <= r < gridDim.x; one block per row,
+// fixed order. blockIdx.y picks one of two row sets: (part, out0) or (part + set_stride, out1).
+// Writing the zero rows here saves a fill launch per output.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_rows_kernel(int64_t G, const acc_t* __restrict__ part, acc_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) sum_rows_kernel(int64_t G, int64_t valid, const acc_t* __restrict__ part,
+                                                            int64_t set_stride, acc_t* __restrict__ out0,
+                                                            acc_t* __restrict__ out1) {
   __shared__ acc_t s[kThreads];
   const int64_t r = blockIdx.x;
+  acc_t* __restrict__ out = blockIdx.y == 0 ? out0 : out1;
+  if (r >= valid) {  // block-uniform: the whole block leaves before any barrier
+    if (threadIdx.x == 0) out[r] = acc_t(0);
+    return;
+  }
+  const acc_t* pr = part + static_cast<int64_t>(blockIdx.y) * set_stride + r * G;
   acc_t v = acc_t(0);
-  for (int64_t j = threadIdx.x; j < G; j += kThreads) v += part[r * G + j];
+  for (int64_t j = threadIdx.x; j < G; j += kThreads) v += pr[j];
   s[threadIdx.x] = v;
   __syncthreads();
   for (int k = kThreads / 2; k > 0; k >>= 1) {
@@ -255,14 +285,14 @@ __global__ void __launch_bounds__(kThreads) sum_rows_kernel(int64_t G, const acc
   if (threadIdx.x == 0) out[r] = s[0];
 }
 
-// dy (acc_t workspace in x's layout) for channels < NY. sums = [sum g (NY), sum g*yhat (NY)].
+// dy (acc_t workspace in x's layout) for channels < NY. sum_g = grad_bn_bias, sum_gy = grad_bn_weight.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) bwd_dy_kernel(Geom g, int iters, const scalar_t* __restrict__ gout,
                                                           const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
                                                           const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                                           const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
-                                                          const acc_t* __restrict__ sums, bool training, bool relu,
-                                                          acc_t* __restrict__ dy) {
+                                                          const acc_t* __restrict__ sum_g, const acc_t* __restrict__ sum_gy,
+                                                          bool training, bool relu, acc_t* __restrict__ dy) {
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= g.NY) return;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.y * iters + threadIdx.y;
@@ -270,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dy_kernel(Geom g, int iters, con
   const acc_t m = mean[c], is = invstd[c], gm = gamma[c];
   bn_fold(m, is, gm, beta[c], scale, shift);
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(g.NHW);
-  const acc_t mean_g = sums[c] * inv_count, mean_gy = sums[g.NY + c] * inv_count;
+  const acc_t mean_g = sum_g[c] * inv_count, mean_gy = sum_gy[c] * inv_count;
   const acc_t* wk = w + c * g.K * g.K;
   for (int i = 0; i < iters; ++i) {
     const int64_t p = base + static_cast<int64_t>(i) * blockDim.y;
@@ -348,46 +378,58 @@ inline dim3 grid_of(const LaunchCfg& cfg, int64_t channels) {
 
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_forward(const Geom& g, const LaunchCfg& cfg, const scalar_t* x, const acc_t* w,
-                           const acc_t* gamma, const acc_t* beta, bool training, acc_t eps, bool relu,
-                           scalar_t* out, acc_t* mean, acc_t* invstd, acc_t* var, acc_t* workspace,
-                           cudaStream_t stream) {
+                           const acc_t* gamma, const acc_t* beta, const acc_t* running_mean,
+                           const acc_t* running_var, bool training, acc_t eps, bool relu, scalar_t* out,
+                           acc_t* mean, acc_t* invstd, acc_t* var, acc_t* workspace, cudaStream_t stream) {
   const dim3 block(cfg.bx, cfg.by);
   if (training) {
     fwd_stats_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(g, cfg.iters, cfg.G, x, w, workspace);
     fwd_finalize_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(g.C, cfg.G, workspace, eps, mean, invstd, var);
+    fwd_apply_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(
+        g, cfg.iters, x, w, true, mean, invstd, eps, gamma, beta, relu, out, nullptr, nullptr, nullptr);
+  } else {
+    fwd_apply_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(
+        g, cfg.iters, x, w, false, running_mean, running_var, eps, gamma, beta, relu, out, mean, invstd, var);
   }
-  fwd_apply_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(g, cfg.iters, x, w, mean, invstd, gamma, beta, relu, out);
   return cudaGetLastError();
 }
 
+// Five launches, no fills: grad_bn_bias / grad_bn_weight / grad_w rows of channels >= NY are
+// zeroed by sum_rows_kernel itself.
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_backward(const Geom& g, const LaunchCfg& cfg, const scalar_t* gout, const scalar_t* x,
                             const acc_t* w, const acc_t* gamma, const acc_t* beta, const acc_t* mean,
                             const acc_t* invstd, bool training, bool relu, scalar_t* grad_x, acc_t* grad_w,
-                            acc_t* sums, acc_t* dy, acc_t* workspace, cudaStream_t stream) {
+                            acc_t* grad_gamma, acc_t* grad_beta, acc_t* dy, acc_t* workspace, cudaStream_t stream) {
   const dim3 block(cfg.bx, cfg.by);
+  const int64_t KK = static_cast<int64_t>(g.K) * g.K;
   if (g.NY > 0) {
     bwd_reduce_kernel<scalar_t, acc_t><<<grid_of(cfg, g.NY), block, 0, stream>>>(g, cfg.iters, cfg.G, gout, x, w, mean,
                                                                                 invstd, gamma, beta, relu, workspace);
-    sum_rows_kernel<acc_t><<<static_cast<unsigned>(2 * g.NY), kThreads, 0, stream>>>(cfg.G, workspace, sums);
+  }
+  // grad_beta[c] = sum g (row set 0), grad_gamma[c] = sum g*yhat (row set 1); zeros for c >= NY
+  sum_rows_kernel<acc_t><<<dim3(static_cast<unsigned>(g.C), 2), kThreads, 0, stream>>>(
+      cfg.G, g.NY, workspace, g.NY * cfg.G, grad_beta, grad_gamma);
+  if (g.NY > 0) {
     bwd_dy_kernel<scalar_t, acc_t><<<grid_of(cfg, g.NY), block, 0, stream>>>(g, cfg.iters, gout, x, w, mean, invstd, gamma,
-                                                                            beta, sums, training, relu, dy);
+                                                                            beta, grad_beta, grad_gamma, training, relu, dy);
   }
   bwd_dx_dw_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(g, cfg.iters, cfg.G, gout, x, w, dy, grad_x,
                                                                              workspace);
-  if (g.NY > 0)
-    sum_rows_kernel<acc_t><<<static_cast<unsigned>(g.NY * g.K * g.K), kThreads, 0, stream>>>(cfg.G, workspace, grad_w);
+  sum_rows_kernel<acc_t><<<dim3(static_cast<unsigned>(g.C * KK), 1), kThreads, 0, stream>>>(
+      cfg.G, g.NY * KK, workspace, 0, grad_w, nullptr);
   return cudaGetLastError();
 }
 
-#define GHOST_INSTANTIATE(scalar_t, acc_t)                                                                       \
-  template cudaError_t launch_forward<scalar_t, acc_t>(const Geom&, const LaunchCfg&, const scalar_t*, const acc_t*, \
-                                                       const acc_t*, const acc_t*, bool, acc_t, bool, scalar_t*,     \
-                                                       acc_t*, acc_t*, acc_t*, acc_t*, cudaStream_t);                \
-  template cudaError_t launch_backward<scalar_t, acc_t>(const Geom&, const LaunchCfg&, const scalar_t*,              \
-                                                        const scalar_t*, const acc_t*, const acc_t*, const acc_t*,   \
-                                                        const acc_t*, const acc_t*, bool, bool, scalar_t*, acc_t*,   \
-                                                        acc_t*, acc_t*, acc_t*, cudaStream_t);
+#define GHOST_INSTANTIATE(scalar_t, acc_t)                                                                        \
+  template cudaError_t launch_forward<scalar_t, acc_t>(const Geom&, const LaunchCfg&, const scalar_t*, const acc_t*,  \
+                                                       const acc_t*, const acc_t*, const acc_t*, const acc_t*, bool,  \
+                                                       acc_t, bool, scalar_t*, acc_t*, acc_t*, acc_t*, acc_t*,        \
+                                                       cudaStream_t);                                                 \
+  template cudaError_t launch_backward<scalar_t, acc_t>(const Geom&, const LaunchCfg&, const scalar_t*,               \
+                                                        const scalar_t*, const acc_t*, const acc_t*, const acc_t*,    \
+                                                        const acc_t*, const acc_t*, bool, bool, scalar_t*, acc_t*,    \
+                                                        acc_t*, acc_t*, acc_t*, acc_t*, cudaStream_t);
 
 GHOST_INSTANTIATE(float, float)
 GHOST_INSTANTIATE(double, double)

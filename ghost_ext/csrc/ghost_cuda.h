@@ -35,17 +35,21 @@ inline LaunchCfg make_cfg(const Geom& g, bool channels_last) {
 
 // All launchers return cudaGetLastError() after their launches (no synchronisation).
 // acc_t is float for float/half/bfloat16 and double for double.
+// Forward: training reads nothing but x/w/gamma/beta (running_mean/var may be null) and writes the
+// batch mean, invstd and UNBIASED var (for the running update); eval folds running_mean/var in
+// the apply kernel and writes (mean, invstd, var) = (running_mean, 1/sqrt(running_var+eps), running_var).
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_forward(const Geom& g, const LaunchCfg& cfg, const scalar_t* x, const acc_t* w,
-                           const acc_t* gamma, const acc_t* beta, bool training, acc_t eps, bool relu,
-                           scalar_t* out, acc_t* mean, acc_t* invstd, acc_t* var, acc_t* workspace,
-                           cudaStream_t stream);
+                           const acc_t* gamma, const acc_t* beta, const acc_t* running_mean,
+                           const acc_t* running_var, bool training, acc_t eps, bool relu, scalar_t* out,
+                           acc_t* mean, acc_t* invstd, acc_t* var, acc_t* workspace, cudaStream_t stream);
 
+// Backward: writes every element of grad_x, grad_w (C*K*K), grad_gamma (C), grad_beta (C).
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_backward(const Geom& g, const LaunchCfg& cfg, const scalar_t* gout, const scalar_t* x,
                             const acc_t* w, const acc_t* gamma, const acc_t* beta, const acc_t* mean,
                             const acc_t* invstd, bool training, bool relu, scalar_t* grad_x, acc_t* grad_w,
-                            acc_t* sums, acc_t* dy, acc_t* workspace, cudaStream_t stream);
+                            acc_t* grad_gamma, acc_t* grad_beta, acc_t* dy, acc_t* workspace, cudaStream_t stream);
 
 // Workspace sizes in acc_t elements.
 inline int64_t forward_workspace(const Geom& g, const LaunchCfg& cfg) { return 3 * cfg.G * g.C; }

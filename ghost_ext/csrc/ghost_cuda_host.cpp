@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <type_traits>
 
 #include "ghost_cuda.h"
@@ -43,20 +44,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cuda(
   const Tensor beta = as_acc(bn_bias, acc);
   Tensor out = at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options().memory_format(fmt));
   const auto sopt = x.options().dtype(acc);
-  Tensor mean, invstd, var;
-  if (training) {
-    mean = at::empty({C}, sopt);
-    invstd = at::empty({C}, sopt);
-    var = at::empty({C}, sopt);
-  } else {
+  // Eval: the apply kernel folds running_mean/var itself and writes the (mean, invstd, var)
+  // outputs, so neither mode launches anything besides the kernels (as_acc is a no-op for the
+  // usual float32 contiguous BN tensors).
+  Tensor rm, rv;
+  if (!training) {
     TORCH_CHECK(running_mean.has_value() && running_var.has_value() && running_mean->numel() == C &&
                     running_var->numel() == C,
                 "ghost_concat: eval mode needs running_mean/running_var with C=", C, " elements");
-    mean = running_mean->to(acc).contiguous().view({C}).clone();
-    var = running_var->to(acc).contiguous().view({C}).clone();
-    invstd = (var + eps).rsqrt();
+    rm = as_acc(*running_mean, acc).view({C});
+    rv = as_acc(*running_var, acc).view({C});
   }
-  if (x.numel() == 0) return {out, mean, invstd, var};
+  Tensor mean = at::empty({C}, sopt), invstd = at::empty({C}, sopt), var = at::empty({C}, sopt);
+  if (x.numel() == 0) {  // no kernel runs: the running statistics (the running update is then a no-op), else NaN
+    if (running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined()) {
+      mean.copy_(running_mean->view({C}));
+      var.copy_(running_var->view({C}));
+      invstd.copy_((var + eps).rsqrt());
+    } else {
+      mean.fill_(std::numeric_limits<double>::quiet_NaN());
+      invstd.fill_(std::numeric_limits<double>::quiet_NaN());
+      var.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    return {out, mean, invstd, var};
+  }
   const Geom g = make_geom(x, out, K, out_channels);
   const LaunchCfg cfg = make_cfg(g, fmt == at::MemoryFormat::ChannelsLast);
   Tensor ws = at::empty({training ? forward_workspace(g, cfg) : 0}, sopt);
@@ -65,9 +76,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cuda(
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     C10_CUDA_CHECK((launch_forward<scalar_t, acc_t>(
         g, cfg, x.const_data_ptr<scalar_t>(), wacc.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(),
-        beta.const_data_ptr<acc_t>(), training, static_cast<acc_t>(eps), relu, out.mutable_data_ptr<scalar_t>(),
-        mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-        training ? ws.mutable_data_ptr<acc_t>() : nullptr, stream)));
+        beta.const_data_ptr<acc_t>(), training ? nullptr : rm.const_data_ptr<acc_t>(),
+        training ? nullptr : rv.const_data_ptr<acc_t>(), training, static_cast<acc_t>(eps), relu,
+        out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>(), training ? ws.mutable_data_ptr<acc_t>() : nullptr, stream)));
   });
   return {out, mean, invstd, var};
 }
@@ -95,30 +107,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_backward_cuda(
   const Tensor is = as_acc(invstd, acc);
   const auto sopt = x.options().dtype(acc);
   Tensor gx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  Tensor gw = at::zeros({C * K * K}, sopt);
-  Tensor gg = at::zeros({C}, sopt);
-  Tensor gb = at::zeros({C}, sopt);
-  if (x.numel() > 0) {
-    const Geom g = make_geom(x, gout, K, out_channels);
-    const LaunchCfg cfg = make_cfg(g, fmt == at::MemoryFormat::ChannelsLast);
-    Tensor sums = at::empty({2 * g.NY}, sopt);
-    // dy in x's exact strides (x is dense in fmt here), float32 for the half types
-    Tensor dy = at::empty(x.sizes(), sopt.memory_format(fmt));
-    Tensor ws = at::empty({backward_workspace(g, cfg)}, sopt);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_backward_cuda", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      C10_CUDA_CHECK((launch_backward<scalar_t, acc_t>(
-          g, cfg, gout.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), wacc.const_data_ptr<acc_t>(),
-          gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(),
-          is.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<acc_t>(),
-          sums.mutable_data_ptr<acc_t>(), dy.mutable_data_ptr<acc_t>(), ws.mutable_data_ptr<acc_t>(), stream)));
-    });
-    if (g.NY > 0) {
-      gb.narrow(0, 0, g.NY).copy_(sums.narrow(0, 0, g.NY));
-      gg.narrow(0, 0, g.NY).copy_(sums.narrow(0, g.NY, g.NY));
-    }
+  if (x.numel() == 0) {
+    return {gx, at::zeros(weight.sizes(), weight.options()), at::zeros({C}, bn_weight.options()),
+            at::zeros({C}, bn_bias.options())};
   }
+  // No fills: the kernels write every element of gw, gg, gb (zeros for channels >= NY).
+  Tensor gw = at::empty({C * K * K}, sopt);
+  Tensor gg = at::empty({C}, sopt);
+  Tensor gb = at::empty({C}, sopt);
+  const Geom g = make_geom(x, gout, K, out_channels);
+  const LaunchCfg cfg = make_cfg(g, fmt == at::MemoryFormat::ChannelsLast);
+  // dy in x's exact strides (x is dense in fmt here), float32 for the half types
+  Tensor dy = at::empty(x.sizes(), sopt.memory_format(fmt));
+  Tensor ws = at::empty({backward_workspace(g, cfg)}, sopt);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_backward_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    C10_CUDA_CHECK((launch_backward<scalar_t, acc_t>(
+        g, cfg, gout.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), wacc.const_data_ptr<acc_t>(),
+        gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), m.const_data_ptr<acc_t>(),
+        is.const_data_ptr<acc_t>(), training, relu, gx.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<acc_t>(),
+        gg.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(), dy.mutable_data_ptr<acc_t>(),
+        ws.mutable_data_ptr<acc_t>(), stream)));
+  });
   return {gx, gw.view(weight.sizes()).to(weight.scalar_type()), gg.to(bn_weight.scalar_type()),
           gb.to(bn_bias.scalar_type())};
 }
