@@ -1,0 +1,464 @@
+"""Metrics of a checkpoint on a split, efficiency figures, and a table across architectures.
+
+    python evaluate.py --checkpoint runs/<name>/best.pt --data data [--split test|val|train] [--tta] [--json FILE]
+    python evaluate.py --arch ghostnet [--img-size 227]            # efficiency only, no checkpoint needed
+    python evaluate.py --compare ghostnet mobilenet_v3_large runs/<name> [--out table.md]
+
+Accuracy comes from the checkpoint's own preprocessing and, for "val", from the checkpoint's own
+--val-split/--seed, so "val" here is the same hold-out the run was selected on. Efficiency is always
+measured on the BN-folded model (model.fuse_for_inference), which is what prediction runs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+
+DEFAULT_CLASSES = 196  # Stanford Cars; only used when an architecture is measured without a checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# efficiency
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when present, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@torch.inference_mode()
+def time_models(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], runs: int,
+                warmup: int = 5, desc: str = "") -> dict[str, list[float]]:
+    """Seconds per forward for each model, timing rounds interleaved across the models.
+
+    Interleaving (round r times every model once, starting with a different model each round)
+    spreads slow phases of a shared machine, and any after-effect of the previous model on caches,
+    over all models alike instead of penalising whichever model happened to run during them.
+    """
+    names = list(models)
+    for name in names:  # warm-up: allocator, oneDNN primitive caches, cudnn autotune
+        for _ in range(warmup):
+            models[name](inputs[name])
+        _sync(inputs[name].device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rounds = range(runs)
+    if desc:
+        from tqdm import tqdm
+        rounds = tqdm(rounds, desc=desc, leave=False, file=sys.stderr)
+    for r in rounds:
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            dev = inputs[name].device
+            _sync(dev)
+            t0 = time.perf_counter()
+            models[name](inputs[name])
+            _sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def static_figures(net: torch.nn.Module, img_size: int, in_channels: int) -> dict[str, Any]:
+    """Parameters (as trained), weight size of the BN-folded model and multiply-adds."""
+    fused = M.fuse_for_inference(net)
+    # size of what inference ships: the folded model's tensors (BN gone, its scale folded in the conv)
+    n_fused = sum(t.numel() for t in fused.state_dict().values() if t.is_floating_point())
+    return {
+        "params": M.count_params(net),
+        "size_mb_fp32": n_fused * 4 / 2**20,
+        "size_mb_fp16": n_fused * 2 / 2**20,
+        "macs": M.count_macs(net, img_size, in_channels),
+        "img_size": img_size,
+        "in_channels": in_channels,
+    }
+
+
+def speed_figures(fused: dict[str, torch.nn.Module], img_size: dict[str, int], in_channels: dict[str, int],
+                  device: torch.device, runs: int = 30, batch: int = 32, batch_runs: int | None = None,
+                  desc: str = "") -> dict[str, dict[str, float]]:
+    """Latency at batch 1 (median of `runs`) and throughput at `batch` for already-fused models on `device`."""
+    batch_runs = batch_runs or max(5, runs // 3)
+    mods = {n: m.to(device).eval() for n, m in fused.items()}
+    x1 = {n: torch.randn(1, in_channels[n], img_size[n], img_size[n], device=device) for n in mods}
+    xb = {n: torch.randn(batch, in_channels[n], img_size[n], img_size[n], device=device) for n in mods}
+    t1 = time_models(mods, x1, runs, desc=f"{desc} batch 1".strip())
+    tb = time_models(mods, xb, batch_runs, warmup=2, desc=f"{desc} batch {batch}".strip())
+    out = {}
+    for n in mods:
+        lat = statistics.median(t1[n])
+        out[n] = {"latency_ms": lat * 1e3, "latency_ms_min": min(t1[n]) * 1e3, "runs": len(t1[n]),
+                  "throughput": batch / statistics.median(tb[n]), "batch": batch, "batch_runs": len(tb[n])}
+    return out
+
+
+def efficiency(net: torch.nn.Module, img_size: int, in_channels: int = 3, runs: int = 30,
+               cuda: bool = True) -> dict[str, Any]:
+    """Everything of point 2 for one model: static figures, CPU (and CUDA when present) speed."""
+    fig = static_figures(net, img_size, in_channels)
+    fused = M.fuse_for_inference(net)
+    fig["threads"] = torch.get_num_threads()
+    fig["cpu"] = speed_figures({"m": fused}, {"m": img_size}, {"m": in_channels}, torch.device("cpu"),
+                               runs=runs, desc="cpu")["m"]
+    if cuda and torch.cuda.is_available():
+        fig["cuda_device"] = torch.cuda.get_device_name(0)
+        fig["cuda"] = speed_figures({"m": M.fuse_for_inference(net)}, {"m": img_size}, {"m": in_channels},
+                                    torch.device("cuda"), runs=max(runs, 50), desc="cuda")["m"]
+    return fig
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
+
+
+def format_efficiency(name: str, fig: dict[str, Any]) -> str:
+    lines = [f"efficiency of {name} at {fig['img_size']}x{fig['img_size']}x{fig['in_channels']} (BN folded):",
+             f"  parameters        {fig['params']:,} ({fig['params'] / 1e6:.2f} M)",
+             f"  weights           {fig['size_mb_fp32']:.2f} MB float32, {fig['size_mb_fp16']:.2f} MB float16",
+             f"  multiply-adds     {fig['macs'] / 1e6:.1f} M"]
+    c = fig["cpu"]
+    lines.append(f"  CPU ({cpu_name()}, {_threads(fig['threads'])}) latency at batch 1: {c['latency_ms']:.2f} ms "
+                 f"(median of {c['runs']}), throughput at batch {c['batch']}: {c['throughput']:.1f} img/s")
+    if "cuda" in fig:
+        g = fig["cuda"]
+        lines.append(f"  CUDA ({fig['cuda_device']}) latency at batch 1: {g['latency_ms']:.2f} ms "
+                     f"(median of {g['runs']}), throughput at batch {g['batch']}: {g['throughput']:.1f} img/s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# accuracy
+
+@torch.inference_mode()
+def run_split(net: torch.nn.Module, decoded: "data.Decoded", prep: "data.Preprocess", device: torch.device,
+              batch_size: int = 64, tta: bool = False) -> torch.Tensor:
+    """Class probabilities (N, K) in decoded order; --tta averages them with the mirrored image's."""
+    loader = data.BatchLoader(decoded, batch_size, shuffle=False, drop_last=False, device=device)
+    transform = data.BatchTransform(prep, None, None)
+    from tqdm import tqdm
+    probs = []
+    for images, _ in tqdm(loader, desc="evaluate", leave=False, file=sys.stderr):
+        x = transform(images, train=False)
+        p = F.softmax(net(x).float(), dim=1)
+        if tta:
+            p = (p + F.softmax(net(x.flip(3)).float(), dim=1)) / 2
+        probs.append(p.cpu())
+    return torch.cat(probs) if probs else torch.zeros(0, 0)
+
+
+def metrics_from(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """top-1/top-5, mean per-class accuracy, loss (plain cross-entropy of the probabilities, no label
+    smoothing, so it can be recounted from predictions.csv), confusion matrix, ten worst classes."""
+    k = len(class_names)
+    n = len(labels)
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    # rank of the true class from a stable descending sort: rank 1 is exactly the argmax prediction,
+    # so top-1, top-5 and predictions.csv agree even when probabilities tie
+    order = torch.sort(probs, dim=1, descending=True, stable=True).indices
+    pred = order[:, 0]
+    rank = (order == labels[:, None]).int().argmax(1) + 1
+    true_p = probs.gather(1, labels[:, None]).squeeze(1)
+    conf = torch.zeros(k, k, dtype=torch.long)
+    conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    support = conf.sum(1)
+    per_class = conf.diag().double() / support.clamp(min=1)
+    present = support > 0
+    worst = []
+    for c in sorted(present.nonzero().flatten().tolist(), key=lambda c: (per_class[c].item(), c))[:10]:
+        row = conf[c].clone()
+        row[c] = -1
+        other = int(row.argmax())
+        worst.append({"class": class_names[c], "index": c, "accuracy": per_class[c].item(),
+                      "support": int(support[c]), "confused_with": class_names[other] if row[other] > 0 else None,
+                      "confused_count": max(int(row[other]), 0)})
+    return {
+        "images": n,
+        "top1": (rank == 1).double().mean().item(),
+        "top5": (rank <= 5).double().mean().item(),
+        "mean_class_acc": per_class[present].mean().item(),
+        "loss": (-true_p.double().clamp(min=1e-12).log()).mean().item(),
+        "classes_present": int(present.sum()),
+        "worst": worst,
+        "confusion": conf,
+        "pred": pred,
+        "rank": rank,
+        "true_p": true_p,
+        "pred_p": probs.max(1).values,
+    }
+
+
+def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: torch.Tensor,
+                  class_names: list[str]) -> list[Path]:
+    """predictions.csv, confusion.csv and (with matplotlib) confusion.png in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    p = out_dir / "predictions.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        # true_probability and true_rank are extra: they let top-5 and the loss be recounted from this file
+        w.writerow(["file", "true", "predicted", "probability", "true_probability", "true_rank"])
+        for i, path in enumerate(files):
+            w.writerow([path, class_names[labels[i]], class_names[res["pred"][i]], f"{res['pred_p'][i].item():.6f}",
+                        f"{res['true_p'][i].item():.6g}", int(res["rank"][i])])
+    written.append(p)
+    p = out_dir / "confusion.csv"
+    conf = res["confusion"]
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted"] + class_names)
+        for i, name in enumerate(class_names):
+            w.writerow([name] + conf[i].tolist())
+    written.append(p)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    k = len(class_names)
+    norm = conf.double() / conf.sum(1, keepdim=True).clamp(min=1)
+    side = min(4 + k * 0.12, 30)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(norm.numpy(), cmap="viridis", vmin=0, vmax=1)
+    if k <= 40:  # names are only readable for a few classes
+        ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion (row-normalised), top-1 {res['top1']:.2%}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    p = out_dir / "confusion.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    written.append(p)
+    return written
+
+
+def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "test", tta: bool = False,
+                        batch_size: int = 64, device: str = "auto", cache_dir: str | None = None,
+                        workers: int | None = None, out_dir: Path | None = None,
+                        ghost_op: str = "auto") -> dict[str, Any]:
+    ckpt = M.load_checkpoint(ckpt_path)
+    class_names = list(ckpt["class_names"])
+    cfg = ckpt.get("config") or {}
+    data_dir = data_dir or cfg.get("data")
+    if not data_dir:
+        raise data.DataError(f"{ckpt_path}: no --data given and the checkpoint's config names none; pass --data DIR")
+    prep = data.Preprocess.from_dict(ckpt["preprocess"])
+    spec = data.find_dataset(data_dir)
+    if list(spec.class_names) != class_names:
+        raise data.DataError(f"{spec.root}: its {len(spec.class_names)} class names differ from the checkpoint's "
+                             f"{len(class_names)}; evaluate on the dataset the model was trained on")
+    # the checkpoint's own hold-out, so "val" is the split the run was selected on
+    val_split = float(cfg.get("val_split", 0.0) or 0.0)
+    seed = int(cfg.get("seed", 0) or 0)
+    splits = data.make_splits(spec, val_split=val_split, seed=seed)
+    if split not in splits:
+        raise ValueError(f"--split {split}: choose one of {', '.join(splits)}")
+    records = splits[split]
+    decoded = data.decode_cached(records, prep, cache_dir=cache_dir if cache_dir is not None else cfg.get("cache_dir"),
+                                 workers=workers, desc=f"decode {split}")
+    dev = pick_device(device)
+    net = M.model_from_checkpoint(ckpt, ghost_op=ghost_op)
+    fused = M.fuse_for_inference(net).to(dev)
+    probs = run_split(fused, decoded, prep, dev, batch_size=batch_size, tta=tta)
+    labels = torch.as_tensor(decoded.labels).long()
+    res = metrics_from(probs, labels, class_names)
+    root = Path(spec.root)
+    files = []
+    for p in decoded.paths:
+        try:
+            files.append(str(Path(p).resolve().relative_to(root.resolve())))
+        except ValueError:
+            files.append(str(p))
+    out_dir = out_dir or ckpt_path.parent
+    written = write_outputs(out_dir, res, files, labels, class_names)
+    summary = {k: v for k, v in res.items() if k not in ("confusion", "pred", "rank", "true_p", "pred_p")}
+    summary.update(checkpoint=str(ckpt_path), arch=ckpt["arch"], data=str(spec.root), split=split, tta=tta,
+                   val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
+                   files=[str(p) for p in written], epoch=ckpt.get("epoch"))
+    return {"summary": summary, "net": net, "prep": prep, "ckpt": ckpt}
+
+
+def format_metrics(s: dict[str, Any]) -> str:
+    lines = [f"{s['checkpoint']} ({s['arch']}, epoch {s.get('epoch')}) on {s['split']} of {s['data']}"
+             f"{' with flip TTA' if s['tta'] else ''}: {s['images']} images"
+             + (f", {len(s['skipped'])} unreadable skipped" if s["skipped"] else ""),
+             f"  top-1 {s['top1']:.2%}   top-5 {s['top5']:.2%}   mean per-class {s['mean_class_acc']:.2%}   "
+             f"loss {s['loss']:.4f}",
+             "  ten worst classes (accuracy, support -> most often taken for):"]
+    for w in s["worst"]:
+        other = f"{w['confused_with']} ({w['confused_count']}x)" if w["confused_with"] else "-"
+        lines.append(f"    {w['accuracy']:6.1%} of {w['support']:3d}  {w['class']}  ->  {other}")
+    lines.append("  wrote " + ", ".join(s["files"]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# comparison table
+
+def _run_accuracy(run_dir: Path, ckpt: dict[str, Any]) -> tuple[float | None, str]:
+    """Best validation accuracy of a run: metrics.csv when present, else the checkpoint's 'best'."""
+    mfile = run_dir / "metrics.csv"
+    if mfile.exists():
+        try:
+            with open(mfile) as f:
+                rows = [r for r in csv.DictReader(f) if r.get("val_acc") not in (None, "")]
+            if rows:
+                best = max(rows, key=lambda r: float(r["val_acc"]))
+                return float(best["val_acc"]), f"metrics.csv epoch {best.get('epoch')}"
+        except (OSError, ValueError, KeyError):
+            pass
+    best = ckpt.get("best") or {}
+    if best.get("val_acc") is not None:
+        return float(best["val_acc"]), f"best.pt epoch {best.get('epoch')}"
+    return None, ""
+
+
+def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CLASSES, runs: int = 30,
+            ghost_op: str = "auto") -> str:
+    """One markdown table over architectures and run folders / checkpoints; CPU timings interleaved."""
+    rows: list[dict[str, Any]] = []
+    nets: dict[str, torch.nn.Module] = {}
+    for item in items:
+        if item in M.ARCHS:
+            net = M.build_model(item, num_classes, ghost_op=ghost_op).eval()
+            row = {"name": item, "arch": item, "img": img_size, "ch": 3, "acc": None, "acc_from": ""}
+        else:
+            p = Path(item)
+            if p.is_dir():
+                p = p / "best.pt"
+            if not p.exists():
+                raise ValueError(f"{item}: neither an architecture ({', '.join(M.ARCHS)}) nor a run folder "
+                                 f"with best.pt / a checkpoint file")
+            ckpt = M.load_checkpoint(p)
+            net = M.model_from_checkpoint(ckpt, ghost_op=ghost_op)
+            prep = ckpt["preprocess"]
+            acc, src = _run_accuracy(p.parent, ckpt)
+            row = {"name": str(p.parent.name if p.name == "best.pt" else p), "arch": ckpt["arch"],
+                   "img": int(prep["img_size"]), "ch": 1 if prep.get("grayscale") else 3, "acc": acc, "acc_from": src}
+        key = f"{len(rows)}:{row['name']}"
+        row.update(static_figures(net, row["img"], row["ch"]))
+        row["key"] = key
+        nets[key] = M.fuse_for_inference(net)
+        rows.append(row)
+    speed = speed_figures(nets, {r["key"]: r["img"] for r in rows}, {r["key"]: r["ch"] for r in rows},
+                          torch.device("cpu"), runs=runs, desc="compare")
+    threads = torch.get_num_threads()
+    out = [f"CPU: {cpu_name()}, {_threads(threads)}, torch {torch.__version__}; "
+           f"BN folded; latency = median of {runs} interleaved runs at batch 1", "",
+           "| model | arch | input | params (M) | fp32 MB | fp16 MB | MMACs | CPU ms (b1) | CPU img/s (b32) "
+           "| accuracy |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s = speed[r["key"]]
+        acc = f"{r['acc']:.2%} ({r['acc_from']})" if r["acc"] is not None else "-"
+        out.append(f"| {r['name']} | {r['arch']} | {r['img']} | {r['params'] / 1e6:.2f} | {r['size_mb_fp32']:.2f} | "
+                   f"{r['size_mb_fp16']:.2f} | {r['macs'] / 1e6:.0f} | {s['latency_ms']:.2f} | "
+                   f"{s['throughput']:.1f} | {acc} |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, help="a checkpoint (runs/<name>/best.pt)")
+    ap.add_argument("--data", help="dataset folder (default: the one in the checkpoint's config)")
+    ap.add_argument("--split", default="test", choices=["test", "val", "train"],
+                    help="which split; 'val' uses the checkpoint's --val-split/--seed")
+    ap.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    ap.add_argument("--json", type=Path, help="also write all figures to this JSON file")
+    ap.add_argument("--out-dir", type=Path,
+                    help="where predictions.csv / confusion.* go (default: next to the checkpoint)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda (evaluation; efficiency covers CPU and CUDA)")
+    ap.add_argument("--cache-dir", help="decode cache folder (default: the checkpoint's)")
+    ap.add_argument("--workers", type=int, help="decode processes")
+    ap.add_argument("--arch", help=f"efficiency of an architecture without a checkpoint: {', '.join(M.ARCHS)}")
+    ap.add_argument("--img-size", type=int, default=227, help="input size for --arch/--compare architectures")
+    ap.add_argument("--num-classes", type=int, default=DEFAULT_CLASSES, help="classifier size for --arch/--compare")
+    ap.add_argument("--compare", nargs="+", metavar="ARCH_OR_RUN", help="table over architectures and run folders")
+    ap.add_argument("--out", type=Path, help="with --compare: also write the table here")
+    ap.add_argument("--runs", type=int, default=30, help="timed runs at batch 1 (after warm-up)")
+    ap.add_argument("--threads", type=int, help="CPU threads for timing (default: torch's)")
+    ap.add_argument("--ghost-op", default="auto", choices=["auto", "ext", "torch"], help="ghost op implementation")
+    ap.add_argument("--no-efficiency", action="store_true", help="skip the timing part of an evaluation")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.runs < 1:
+            raise ValueError("--runs must be at least 1")
+        if args.compare:
+            table = compare(args.compare, args.img_size, args.num_classes, args.runs, args.ghost_op)
+            print(table)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(table)
+                print(f"wrote {args.out}", file=sys.stderr)
+            return 0
+        if args.checkpoint is None and args.arch is None:
+            raise ValueError("nothing to do: pass --checkpoint runs/<name>/best.pt --data DIR, --arch NAME, "
+                             "or --compare ARCH_OR_RUN ...")
+        report: dict[str, Any] = {}
+        if args.checkpoint is not None:
+            ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.tta, args.batch_size, args.device,
+                                     args.cache_dir, args.workers, args.out_dir, args.ghost_op)
+            report["metrics"] = ev["summary"]
+            print(format_metrics(ev["summary"]))
+            net, prep, name = ev["net"], ev["prep"], str(args.checkpoint)
+            img, ch = prep.img_size, prep.channels
+        else:
+            net = M.build_model(args.arch, args.num_classes, ghost_op=args.ghost_op).eval()
+            name, img, ch = args.arch, args.img_size, 3
+        if not args.no_efficiency:
+            fig = efficiency(net, img, ch, runs=args.runs)
+            report["efficiency"] = fig
+            print(format_efficiency(name, fig))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2, default=str))
+            print(f"wrote {args.json}", file=sys.stderr)
+        return 0
+    except (M.CheckpointError, data.DataError, data.ImageError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
