@@ -19,7 +19,7 @@ Preprocessing and labels travel with the model, so an app needs nothing else:
 
 After writing, the file is run (onnxruntime / torch.export.load) on a few images (--images, else
 synthetic) and its logits and top-1 compared with the original PyTorch model; both latencies at batch 1
-on CPU are printed. ONNX needs the extra: pip install -e .[export] (onnx, onnxscript, onnxruntime).
+on CPU are printed. ONNX needs the [export] extra: pip install onnx onnxscript onnxruntime.
 """
 from __future__ import annotations
 
@@ -142,8 +142,8 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ExportError(f"--format onnx needs {', '.join(missing)}: pip install -e .[export] "
-                          "(or pip install onnx onnxscript onnxruntime)")
+        raise ExportError(f"--format onnx needs {', '.join(missing)}: pip install onnx onnxscript onnxruntime "
+                          "(the [export] extra)")
 
 
 def _batch_dim(batch: str) -> Any:
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with preprocessing and class names inside, and verify it against PyTorch.")
     p.add_argument("checkpoint", help="checkpoint written by train.py, e.g. runs/<name>/best.pt")
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
-                   help="onnx: onnxruntime and any ONNX runtime (needs pip install -e .[export]); "
+                   help="onnx: onnxruntime and any ONNX runtime (needs pip install onnx onnxscript onnxruntime); "
                         "pt2: torch.export.load in PyTorch (default: onnx)")
     p.add_argument("--out", help="output file (default: the checkpoint's path with .onnx / .pt2, .fp16.onnx with --fp16)")
     p.add_argument("--fp16", action="store_true",

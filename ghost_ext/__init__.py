@@ -71,6 +71,10 @@ def _use_ext(impl: str, x: torch.Tensor) -> bool:
                    f"ghost_ext: C++ extension has no kernel for {x.device.type} / {x.dtype}, "
                    "using the plain-PyTorch reference")
         return False
+    if impl == "auto" and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        # Measured (benchmarks/results/bench_op_cpu.md): the CPU kernels are 0.7-0.9x the reference in
+        # bfloat16, whose oneDNN convolutions are fast on AVX-512 CPUs; "ext" still forces them.
+        return False
     if impl == "auto" and x.is_cuda and not _cuda_self_check(x.device):
         return False
     return True
@@ -143,8 +147,9 @@ def ghost_concat(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor,
     """cat([x, relu?(bn(depthwise_conv(x)))], 1)[:, :out_channels]; in training the batch statistics
     normalise and running_mean / running_var are updated in place, as nn.BatchNorm2d does.
 
-    impl: "auto" (extension when built for x's device, else the reference with one warning),
-    "ext" (the extension, error when missing) or "torch" (the reference)."""
+    impl: "auto" (extension when built for x's device, else the reference with one warning; on CPU
+    bfloat16/float16 input takes the reference, which is faster there), "ext" (the extension, error
+    when missing) or "torch" (the reference)."""
     key = (impl, x.device, x.dtype)
     if _EXT_ERROR is not None or key not in _use_ext_cache:  # _EXT_ERROR: tests monkeypatch it
         if not _use_ext(impl, x):

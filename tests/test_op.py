@@ -549,3 +549,17 @@ def test_no_running_stats(device):
     got = ghost_ext.ghost_concat(x, w, gb, bb, None, None, True, 0.1, 1e-5, True, 7, impl="ext")
     want = ghost_ext.ghost_concat(x, w, gb, bb, None, None, True, 0.1, 1e-5, True, 7, impl="torch")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_auto_keeps_cpu_half_precision_on_the_reference(monkeypatch):
+    # bench_op measured the CPU kernels slower than the reference in bfloat16: "auto" must not pick them
+    calls = []
+    monkeypatch.setattr(ghost_ext, "_reference", lambda *a: calls.append(a[0].dtype) or a[0])
+    ghost_ext._use_ext_cache.clear()
+    t = make_inputs(2, 4, 5, 5, 3, torch.bfloat16, "cpu")
+    ghost_ext.ghost_concat(*t, False, 0.1, 1e-5, True, 7, impl="auto")
+    assert calls == [torch.bfloat16]
+    t = make_inputs(2, 4, 5, 5, 3, torch.float32, "cpu")
+    ghost_ext.ghost_concat(*t, False, 0.1, 1e-5, True, 7, impl="auto")
+    assert calls == [torch.bfloat16]  # float32 went to the kernels
