@@ -47,6 +47,7 @@ def _sync(device: torch.device) -> None:
 
 
 def cpu_name() -> str:
+    """The CPU's model name for benchmark records (platform.processor() is often empty on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

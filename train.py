@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from evaluate import cpu_name
 from model import ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint
 
 REPO = Path(__file__).resolve().parent
@@ -265,13 +266,7 @@ def git_commit() -> str | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:  # platform.processor() is often empty on Linux
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -34,6 +34,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
+from evaluate import cpu_name  # noqa: E402
 
 
 def make_full_size_jpegs(out: Path, n: int, seed: int = 0) -> list[data.Record]:
@@ -140,14 +141,7 @@ def run_set(name: str, records, args, cache_root: Path) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "pillow": PIL.__version__, "numpy": np.__version__}

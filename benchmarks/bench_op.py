@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ghost_ext  # noqa: E402
+from evaluate import cpu_name  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -243,14 +244,7 @@ print(json.dumps({{"maxrss_before_MiB": before / 1024, "maxrss_peak_MiB": after 
 
 
 def machine_info(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "platform": platform.platform()}

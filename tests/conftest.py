@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "stanford_cars"
@@ -16,3 +17,14 @@ def real_data() -> Path:
     if not (SHARED_DATA / "devkit" / "cars_meta.mat").exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (pytestmark = pytest.mark.usefixtures("one_thread")):
+    tests that check results, not speed, and on a busy shared machine OpenMP threads waiting on each
+    other make a tiny forward pass take seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,14 +20,7 @@ ENV1 = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread()
 IMG = 64  # small input: the whole file stays fast on 2 shared cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tests check results, not speed, and on a busy shared machine
-    OpenMP threads waiting on each other make a tiny forward pass take seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_checkpoint(path: Path, class_names: list[str], img_size: int = IMG, arch: str = "ghostnet",

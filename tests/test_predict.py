@@ -22,14 +22,7 @@ IMG = 64
 CLASSES = [f"Synthetic car {i}" for i in range(7)]  # 7 > topk, so top-5 really cuts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tests check results, not speed, and on a busy shared machine
-    OpenMP threads waiting on each other make a tiny forward pass take seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_checkpoint(path: Path, class_names: list[str] = CLASSES, img_size: int = IMG, seed: int = 0,

@@ -386,15 +386,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cpu(
   }
   if (nhwc_eval) return {nhwc::forward_eval(x, wacc, gamma, beta, mean, invstd, relu, out_channels), mean, invstd, var};
   if (training && x.numel() == 0) {  // nothing to normalise: the running statistics (the update is a no-op), else NaN
-    if (running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined()) {
-      mean.copy_(running_mean->view({C}));
-      var.copy_(running_var->view({C}));
-      invstd.copy_((var + eps).rsqrt());
-    } else {
-      mean.fill_(std::numeric_limits<double>::quiet_NaN());
-      invstd.fill_(std::numeric_limits<double>::quiet_NaN());
-      var.fill_(std::numeric_limits<double>::quiet_NaN());
-    }
+    empty_batch_stats(running_mean, running_var, eps, mean, invstd, var);
   }
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_cpu", [&] {

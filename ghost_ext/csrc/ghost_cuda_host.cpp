@@ -57,15 +57,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cuda(
   }
   Tensor mean = at::empty({C}, sopt), invstd = at::empty({C}, sopt), var = at::empty({C}, sopt);
   if (x.numel() == 0) {  // no kernel runs: the running statistics (the running update is then a no-op), else NaN
-    if (running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined()) {
-      mean.copy_(running_mean->view({C}));
-      var.copy_(running_var->view({C}));
-      invstd.copy_((var + eps).rsqrt());
-    } else {
-      mean.fill_(std::numeric_limits<double>::quiet_NaN());
-      invstd.fill_(std::numeric_limits<double>::quiet_NaN());
-      var.fill_(std::numeric_limits<double>::quiet_NaN());
-    }
+    empty_batch_stats(running_mean, running_var, eps, mean, invstd, var);
     return {out, mean, invstd, var};
   }
   const Geom g = make_geom(x, out, K, out_channels);

@@ -4,9 +4,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/rsqrt.h>
 #include <c10/util/Exception.h>
 
 #include "ghost_math.h"
+
+#include <limits>
 
 namespace ghost {
 
@@ -60,6 +63,22 @@ inline Geom make_geom(const at::Tensor& x, const at::Tensor& out, int K, int64_t
   g.osH = out.stride(2);
   g.osW = out.stride(3);
   return g;
+}
+
+// Statistics of an empty batch (no kernel runs): the running statistics, so that the running update
+// is a no-op, or NaN without them (as a reduction over nothing gives).
+inline void empty_batch_stats(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                              double eps, at::Tensor& mean, at::Tensor& invstd, at::Tensor& var) {
+  const int64_t C = mean.size(0);
+  if (running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined()) {
+    mean.copy_(running_mean->view({C}));
+    var.copy_(running_var->view({C}));
+    invstd.copy_((var + eps).rsqrt());
+  } else {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    invstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
 }
 
 }  // namespace ghost
