@@ -771,7 +771,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             if not math.isfinite(val_loss):
                 raise NonFiniteLoss(f"validation loss became {val_loss} after epoch {epoch} (global step {step})")
 
-            # bookkeeping: schedule, best, early stopping, then the files (last.pt before metrics.csv)
+            # bookkeeping: schedule, best, early stopping, then the files (best.pt, last.pt, metrics.csv)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val_loss)
             elif scheduler is not None:
@@ -790,13 +790,15 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                                               "val_seen": v_seen, "val_acc": val_acc, "val_loss": val_loss,
                                               "state_sha256": state_hash(model.state_dict())}) + "\n",
                                   run_dir / f"ddp_rank{rank}.json")
+            # best.pt before last.pt: a kill between the two then replays this epoch on --resume and
+            # writes best.pt again; the other order would leave a best.pt older than last.pt's record.
             ckpt = checkpoint(epoch) if is_main else None
-            if is_main:
-                atomic_save(ckpt, run_dir / "last.pt")
             if is_best and is_main:  # best.pt is for using the model: without the resume state, a third of the size
                 atomic_save({k: v for k, v in ckpt.items()
                              if k not in ("optimizer", "scheduler", "scaler", "rng", "early_stop")},
                             run_dir / "best.pt")
+            if is_main:
+                atomic_save(ckpt, run_dir / "last.pt")
             seconds = time.perf_counter() - t0
             rows.append(dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(seen, 1),
                              train_acc=correct.item() / max(seen, 1), val_loss=val_loss, val_acc=val_acc,

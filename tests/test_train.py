@@ -119,6 +119,42 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_data, cache_dir):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_kill_between_checkpoint_writes_keeps_best_pt_current(tmp_path, cache_dir):
+    # Regression: last.pt used to be written before best.pt, so a kill between the two left best.pt
+    # an epoch behind last.pt's record of the best epoch, and --resume never rewrote it.
+    import data
+    demo = data.make_demo_dataset(tmp_path / "demo", seed=0)  # learnable within 5 epochs at 48 px
+    last_epoch = 5
+    common = ["--data", demo, "--out", tmp_path, "--cache-dir", cache_dir, "--img-size", 48, "--batch-size", 16,
+              "--epochs", last_epoch, "--deterministic", "--device", "cpu", "--seed", 3, "--scheduler", "none",
+              "--lr", 3e-3, "--wd", 0]
+    full = run_train(*common, "--name", "full")
+    assert full.returncode == 0, full.stderr
+    full_best = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
+    assert full_best["epoch"] == last_epoch, "precondition: the last epoch must be the best for this test to bite"
+
+    # the same run, killed (os._exit, no clean-up) right after the first checkpoint file of the last epoch lands
+    kill_after_first_save = (
+        "import os, sys, train\n"
+        "save = train.atomic_save\n"
+        "def save_then_die(obj, path):\n"
+        "    save(obj, path)\n"
+        f"    if isinstance(obj, dict) and obj.get('epoch') == {last_epoch}:\n"
+        "        os._exit(9)\n"
+        "train.atomic_save = save_then_die\n"
+        "sys.exit(train.main(sys.argv[1:]))\n")
+    cut = subprocess.run([sys.executable, "-c", kill_after_first_save, *map(str, common), "--name", "cut"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert cut.returncode == 9, cut.stderr
+    resumed = run_train("--resume", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr
+    best = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert best["epoch"] == last["best"]["epoch"] == last_epoch
+    for k in full_best["model"]:
+        assert torch.equal(best["model"][k], full_best["model"][k]), k
+
+
 def test_ctrl_c_keeps_last_completed_epoch(tmp_path, tiny_data, cache_dir):
     # SIGINT back to its default in the child, even when this test runs in a background job (SIG_IGN)
     proc = subprocess.Popen(train_cmd("--data", tiny_data, "--out", tmp_path, "--name", "int", "--cache-dir",
