@@ -1,0 +1,599 @@
+"""The study's ablation ladder and architecture comparison, run with train.py and evaluate.py (issue 9).
+
+    python benchmarks/experiments.py --list                  # the experiments and their flags
+    python benchmarks/experiments.py --dry-run               # the exact commands, nothing run
+    python benchmarks/experiments.py --estimate              # measure img/s, project the campaign's wall time
+    python benchmarks/experiments.py --skip-done             # run everything (resumable across sessions)
+    python benchmarks/experiments.py --only c7_augment d_c50_best --skip-done
+
+Each experiment is `train.py` (run folder <out>/<name>/) followed by `evaluate.py --checkpoint
+<out>/<name>/best.pt --split test --json <out>/<name>/evaluate_test.json`, both as subprocesses with the
+same --epochs, --img-size and --seed (the (f) repeats add 1 and 2 to the seed). After every experiment
+<out>/results.md and <out>/results.json are rewritten from all run folders found under <out>.
+
+Defaults fit a 2-core CPU: 96 px, 40 epochs. The study ran ~130 epochs (MultiStepLR milestones
+67 82 95 107, ReduceLROnPlateau patience 10, early stopping patience 15); every epoch count is scaled by
+epochs/130 and rounded (round(m * 40 / 130): milestones 21 25 29 33, plateau patience 3, early-stop
+patience 5). Validation (model selection, plateau, early stopping) uses a stratified 10% of cars_train
+(--val-split 0.1), so cars_test is touched only by evaluate.py.
+
+Resuming: with --skip-done a run folder whose evaluate JSON exists (and whose recorded train command is
+the one this invocation would run) is reused; a folder with last.pt but no finished-training record is
+continued with train.py --resume; a finished training without its evaluate JSON is only evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "real_copy"
+EVAL_JSON = "evaluate_test.json"
+RECORD = "experiment.json"  # this runner's record in each run folder: commands, wall times, return codes
+
+# the study's schedule, in its own epochs
+REF_EPOCHS = 130
+REF_MILESTONES = (67, 82, 95, 107)
+REF_PLATEAU_PATIENCE = 10
+REF_PATIENCE = 15
+STUDY_BEST = "83.79%"
+
+GITIGNORE = """\
+# written by benchmarks/experiments.py: checkpoints, plots and per-image outputs stay out of git;
+# config.json, metrics.csv, train.log, evaluate_test.json, experiment.json and results.* are kept
+*.pt
+*.png
+*.tmp*
+predictions.csv
+confusion.csv
+"""
+
+
+def scale_epochs(m: float, epochs: int) -> int:
+    """An epoch count of the study's ~130-epoch schedule, scaled to a run of `epochs` (at least 1)."""
+    return max(1, int(round(m * epochs / REF_EPOCHS)))
+
+
+def scaled_milestones(epochs: int) -> list[int]:
+    out: list[int] = []
+    for m in REF_MILESTONES:  # strictly increasing even for very short runs
+        out.append(max(scale_epochs(m, epochs), out[-1] + 1 if out else 1))
+    return out
+
+
+@dataclass
+class Experiment:
+    name: str
+    study: str  # the study's experiment id
+    groups: tuple[str, ...]  # "ladder", "comparison"
+    step: str  # ladder step (a)..(f), or the comparison's architecture
+    what: str
+    flags: list[str] = field(default_factory=list)
+    seed_offset: int = 0
+
+
+def experiments(epochs: int) -> list[Experiment]:
+    """The registry. Flags are spelled out in full (also where they equal train.py's defaults), so the
+    tables do not depend on future default changes."""
+    ms = [str(m) for m in scaled_milestones(epochs)]
+    # (a)-(c): the study's early settings: Adam without weight decay, no scheduler, and (as issue 9 lists
+    # dropout 0.2 / out_channels 320 as part of step (d)) no dropout and the official 1280-wide last layer
+    early = ["--arch", "ghostnet", "--optimizer", "adam", "--wd", "0", "--scheduler", "none",
+             "--dropout", "0", "--out-channels", "1280"]
+    plain = ["--label-smoothing", "0", "--no-normalize", "--augment", "none"]
+    smooth_norm = ["--label-smoothing", "0.1", "--augment", "none"]
+    aug = ["--label-smoothing", "0.1", "--augment", "flip", "affine", "jitter"]
+    best_common = ["--optimizer", "adamw", "--wd", "0.6", "--dropout", "0.2", "--out-channels", "320",
+                   "--label-smoothing", "0.1", "--augment", "flip", "affine", "jitter"]
+    multistep = ["--scheduler", "multistep", "--milestones", *ms, "--gamma", "0.1"]
+    plateau = ["--scheduler", "plateau", "--plateau-factor", "0.1",
+               "--plateau-patience", str(scale_epochs(REF_PLATEAU_PATIENCE, epochs))]
+    best = best_common + multistep
+    L, C = ("ladder",), ("comparison",)
+    exps = [
+        Experiment("a_c1_plain", "C-1", L, "(a)", "plain cross-entropy, no normalization, no augmentation",
+                   early + plain),
+        Experiment("b_c3_smooth_norm", "C-3", L, "(b)", "+ label smoothing 0.1 + RGB normalization",
+                   early + smooth_norm),
+        Experiment("c_c7_augment", "C-7", L, "(c)", "+ flip, affine, colour jitter", early + aug),
+        Experiment("d_c50_best", "C-50", L + C, "(d)",
+                   "+ AdamW wd 0.6, dropout 0.2, out_channels 320, MultiStepLR (best recipe)",
+                   ["--arch", "ghostnet"] + best),
+        Experiment("e_c50_plateau", "C-50 with C-26..29's schedule", L, "(e)",
+                   "best recipe with ReduceLROnPlateau ('automatic')", ["--arch", "ghostnet"] + best_common + plateau),
+        Experiment("f_c50_best_seed1", "C-50", L, "(f)", "best recipe, seed + 1", ["--arch", "ghostnet"] + best,
+                   seed_offset=1),
+        Experiment("f_c50_best_seed2", "C-50", L, "(f)", "best recipe, seed + 2", ["--arch", "ghostnet"] + best,
+                   seed_offset=2),
+    ]
+    for arch in ("ghostnet_official", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0",
+                 "efficientnet_b0", "resnet18"):
+        exps.append(Experiment(f"cmp_{arch}", "C-50 recipe", C, arch, f"{arch} at the best recipe",
+                               ["--arch", arch] + best))
+    return exps
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def show_path(p: Path) -> str:
+    """A path as written in commands and tables: relative to the repository when it lies near it."""
+    p = Path(p).resolve()
+    try:
+        rel = os.path.relpath(p, REPO)
+    except ValueError:
+        return str(p)
+    return rel if not rel.startswith("../..") else str(p)
+
+
+@dataclass
+class Plan:
+    exp: Experiment
+    run_dir: Path
+    train: list[str]  # argv after the interpreter
+    evaluate: list[str]
+
+
+def plan(exp: Experiment, args: argparse.Namespace) -> Plan:
+    run_dir = args.out / exp.name
+    common = ["--data", show_path(args.data), "--out", show_path(args.out), "--name", exp.name,
+              "--img-size", str(args.img_size), "--epochs", str(args.epochs),
+              "--seed", str(args.seed + exp.seed_offset), "--val-split", str(args.val_split),
+              "--patience", str(args.patience)]
+    if args.batch_size:
+        common += ["--batch-size", str(args.batch_size)]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    if args.device:
+        common += ["--device", args.device]
+    train = ["train.py", *common, *exp.flags, *shlex.split(args.train_args)]
+    ev = ["evaluate.py", "--checkpoint", show_path(run_dir / "best.pt"), "--data", show_path(args.data),
+          "--split", "test", "--json", show_path(run_dir / EVAL_JSON), "--runs", str(args.eval_runs)]
+    if args.threads:
+        ev += ["--threads", str(args.threads)]
+    if args.device:
+        ev += ["--device", args.device]
+    ev += shlex.split(args.eval_args)
+    return Plan(exp, run_dir, train, ev)
+
+
+def display(argv: list[str]) -> str:
+    return shlex.join(["python", *argv])
+
+
+# ----------------------------------------------------------------------------------------------- running
+def read_json(p: Path) -> dict | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(obj, p: Path) -> None:
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, p)
+
+
+def state(pl: Plan) -> str:
+    """'done', 'trained' (evaluate missing), 'partial' (last.pt, training unfinished), 'other' (the folder
+    holds a run of different settings), 'empty'."""
+    rec = read_json(pl.run_dir / RECORD)
+    if rec is not None and rec.get("train_command") != display(pl.train):
+        return "other"
+    if rec and rec.get("train_rc") == 0:
+        ev = read_json(pl.run_dir / EVAL_JSON)
+        return "done" if ev and "metrics" in ev and rec.get("eval_rc") == 0 else "trained"
+    if (pl.run_dir / "last.pt").exists():
+        return "partial" if rec is not None else "other"
+    return "empty"
+
+
+BAR = re.compile(r"\d+%\||\d+/\d+ \[\d|it/s\]|s/it\]")  # a tqdm progress-bar redraw of a subprocess
+ECHO = ("data:", "run:", "epoch", "early stopping", "done:", "error", "interrupted", "  top-1", "  CPU", "wrote")
+
+
+def run_logged(argv: list[str], log: Path, env: dict, tqdm_write) -> tuple[int, float]:
+    """Run `python argv` in the repository, its output (progress-bar redraws dropped) appended to `log`
+    and its key lines echoed; returns (exit status, wall seconds)."""
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {display(argv)}\n")
+        f.flush()
+        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n").split("\r")[-1]
+                if not line.strip() or BAR.search(line):
+                    continue
+                f.write(line + "\n")
+                if line.lstrip().startswith(ECHO) or line.startswith(ECHO):
+                    tqdm_write(f"  {line}")
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()  # train.py keeps last.pt and exits 130 on Ctrl-C (same process group)
+            raise
+        finally:
+            if proc.poll() is None:  # the runner is being stopped otherwise (SIGTERM): stop the child too
+                proc.terminate()
+                proc.wait()
+        f.write(f"# exit {rc} after {time.perf_counter() - t0:.1f} s\n")
+    return rc, time.perf_counter() - t0
+
+
+def run_one(pl: Plan, args: argparse.Namespace, env: dict, tqdm_write) -> bool:
+    st = state(pl)
+    if st == "other":
+        tqdm_write(f"{pl.exp.name}: {pl.run_dir} holds a run of other settings (see its {RECORD} / config.json); "
+                   f"skipped: use another --out or remove the folder")
+        return False
+    if st != "empty" and not args.skip_done:
+        tqdm_write(f"{pl.exp.name}: {pl.run_dir} exists ({st}); pass --skip-done to reuse/continue it, "
+                   f"or remove it")
+        return False
+    if st == "done":
+        tqdm_write(f"{pl.exp.name}: done before, reused")
+        return True
+    pl.run_dir.mkdir(parents=True, exist_ok=True)
+    rec = read_json(pl.run_dir / RECORD) or {
+        "name": pl.exp.name, "study": pl.exp.study, "train_command": display(pl.train),
+        "eval_command": display(pl.evaluate), "train_wall_s": 0.0, "train_sessions": 0, "train_rc": None,
+        "eval_wall_s": None, "eval_rc": None, "host": platform.node()}
+    if st in ("empty", "partial"):
+        argv = pl.train if st == "empty" else ["train.py", "--resume", show_path(pl.run_dir)]
+        tqdm_write(f"{pl.exp.name}: {'continuing' if st == 'partial' else 'training'}: {display(argv)}")
+        rec["started"] = rec.get("started") or datetime.datetime.now().isoformat(timespec="seconds")
+        rec["train_sessions"] += 1
+        rec["train_rc"] = None
+        write_json(rec, pl.run_dir / RECORD)
+        t0 = time.perf_counter()
+        try:
+            rc, wall = run_logged(argv, pl.run_dir / "train.log", env, tqdm_write)
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C / SIGTERM: keep this session's wall time
+            rec["train_rc"] = 130 if isinstance(e, KeyboardInterrupt) else e.code
+            rec["train_wall_s"] += time.perf_counter() - t0
+            write_json(rec, pl.run_dir / RECORD)
+            raise
+        rec["train_wall_s"] += wall
+        rec["train_rc"] = rc
+        write_json(rec, pl.run_dir / RECORD)
+        if rc != 0:
+            tqdm_write(f"{pl.exp.name}: train.py exited {rc}; see {pl.run_dir / 'train.log'}")
+            return False
+    tqdm_write(f"{pl.exp.name}: evaluating: {display(pl.evaluate)}")
+    rc, wall = run_logged(pl.evaluate, pl.run_dir / "evaluate.log", env, tqdm_write)
+    rec.update(eval_rc=rc, eval_wall_s=wall, finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    write_json(rec, pl.run_dir / RECORD)
+    if rc != 0:
+        tqdm_write(f"{pl.exp.name}: evaluate.py exited {rc}; see {pl.run_dir / 'evaluate.log'}")
+    return rc == 0
+
+
+# ----------------------------------------------------------------------------------------------- results
+def read_metrics_csv(p: Path) -> list[dict]:
+    import csv
+    try:
+        with open(p, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def collect(pl: Plan) -> dict:
+    rec = read_json(pl.run_dir / RECORD) or {}
+    row = {"name": pl.exp.name, "study": pl.exp.study, "step": pl.exp.step, "what": pl.exp.what,
+           "groups": list(pl.exp.groups), "seed_offset": pl.exp.seed_offset, "run_dir": show_path(pl.run_dir),
+           "train_command": display(pl.train), "eval_command": display(pl.evaluate), "state": state(pl)}
+    if row["state"] == "other":
+        return row
+    cfg = read_json(pl.run_dir / "config.json") or {}
+    rows = read_metrics_csv(pl.run_dir / "metrics.csv")
+    ev = read_json(pl.run_dir / EVAL_JSON) or {}
+    m, eff = ev.get("metrics") or {}, ev.get("efficiency") or {}
+    row.update(
+        epochs_run=len(rows) or None,
+        best_epoch=m.get("epoch"),
+        val_top1=max((float(r["val_acc"]) for r in rows), default=None),
+        train_img_per_s=statistics.median(float(r["img_per_s"]) for r in rows) if rows else None,
+        test_top1=m.get("top1"), test_top5=m.get("top5"), test_mean_class=m.get("mean_class_acc"),
+        test_images=m.get("images"), params=eff.get("params"), macs=eff.get("macs"),
+        cpu_latency_ms=(eff.get("cpu") or {}).get("latency_ms"), latency_threads=eff.get("threads"),
+        train_wall_s=rec.get("train_wall_s"), train_sessions=rec.get("train_sessions"),
+        eval_wall_s=rec.get("eval_wall_s"), train_rc=rec.get("train_rc"), eval_rc=rec.get("eval_rc"),
+        dataset=cfg.get("dataset"), device=cfg.get("device"), versions=cfg.get("versions"),
+        git_commit=cfg.get("git_commit"), started=rec.get("started"), finished=rec.get("finished"),
+    )
+    return row
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _dur(s) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _status(r: dict) -> str:
+    return {"done": "", "trained": " (not evaluated)", "partial": " (unfinished)", "empty": " (not run)",
+            "other": " (folder holds other settings)"}[r["state"]] + (
+        f" (train exit {r['train_rc']})" if r.get("train_rc") not in (None, 0) else "")
+
+
+def label(args: argparse.Namespace) -> str:
+    return (f"held-out part of the official train split, 128x96 copy, {args.epochs} epochs at {args.img_size} px: "
+            f"not comparable to the study's {STUDY_BEST} on full-size images")
+
+
+def environment(args: argparse.Namespace) -> dict:
+    try:
+        sys.path.insert(0, str(REPO))
+        from evaluate import cpu_name
+        cpu = cpu_name()
+    except Exception:  # noqa: BLE001 - a description only
+        cpu = platform.processor() or platform.machine()
+    import torch
+    import torchvision
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
+            "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -> Path:
+    rows = [collect(p) for p in plans]
+    ms = " ".join(map(str, scaled_milestones(args.epochs)))
+    settings = {"epochs": args.epochs, "img_size": args.img_size, "seed": args.seed, "val_split": args.val_split,
+                "patience": args.patience, "milestones": scaled_milestones(args.epochs),
+                "plateau_patience": scale_epochs(REF_PLATEAU_PATIENCE, args.epochs),
+                "data": show_path(args.data), "label": label(args)}
+    write_json({"settings": settings, "environment": env_info, "experiments": rows}, args.out / "results.json")
+    ds = next((r["dataset"] for r in rows if r.get("dataset")), None)
+    L = [f"# Experiments on the real-photo copy ({args.epochs} epochs, {args.img_size} px)", "",
+         f"**{label(args)}.**", "",
+         f"- data: `{show_path(args.data)}`" + (f" ({ds['train']} train / {ds['val']} val images per run; test = "
+                                               f"its cars_test)" if ds else ""),
+         f"- machine: {env_info['cpu']}, {env_info['cores']} cores, {env_info['threads']} torch "
+         f"thread{'s' if env_info['threads'] != 1 else ''} "
+         f"(OMP_NUM_THREADS={env_info['OMP_NUM_THREADS']}); {env_info['platform']}",
+         f"- versions: Python {env_info['python']}, torch {env_info['torch']}, torchvision {env_info['torchvision']}",
+         f"- tables written {env_info['date']}; seed {args.seed} ((f): seed + 1, + 2)",
+         f"- schedule scaled from the study's ~{REF_EPOCHS} epochs by round(m * {args.epochs} / {REF_EPOCHS}): "
+         f"milestones {' '.join(map(str, REF_MILESTONES))} -> {ms}, plateau patience {REF_PLATEAU_PATIENCE} -> "
+         f"{settings['plateau_patience']}, early-stopping patience {REF_PATIENCE} -> {args.patience}",
+         f"- validation (best.pt, plateau, early stopping): a stratified {args.val_split:g} of cars_train "
+         f"(`--val-split`); test top-1/top-5: evaluate.py on cars_test "
+         f"({next((r['test_images'] for r in rows if r.get('test_images')), '?')} images)",
+         "- latency: evaluate.py's CPU figure, BN-folded model, batch 1, median of "
+         f"{args.eval_runs} runs, on a CPU shared with other jobs (noisy)",
+         "- wall time: train.py (all sessions, if resumed) + evaluate.py, on this machine", "",
+         "## Ablation ladder (GhostNet)", "",
+         "| step | study | experiment | change | epochs run (best) | val top-1 % | test top-1 % | test top-5 % "
+         "| train wall | eval wall |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ladder" in r["groups"]:
+            L.append(f"| {r['step']} | {r['study']} | `{r['name']}`{_status(r)} | {r['what']} | "
+                     f"{r.get('epochs_run') or '–'} ({r.get('best_epoch') or '–'}) | {_pct(r.get('val_top1'))} | "
+                     f"{_pct(r.get('test_top1'))} | {_pct(r.get('test_top5'))} | {_dur(r.get('train_wall_s'))} | "
+                     f"{_dur(r.get('eval_wall_s'))} |")
+    seeds = [r for r in rows if r["name"].startswith(("d_c50_best", "f_c50_best")) and r.get("test_top1") is not None]
+    if len(seeds) >= 2:
+        t1 = [100 * r["test_top1"] for r in seeds]
+        t5 = [100 * r["test_top5"] for r in seeds]
+        L.append(f"| (d)+(f) | C-50 | mean ± sd over {len(seeds)} seeds | | | | {statistics.mean(t1):.2f} ± "
+                 f"{statistics.stdev(t1):.2f} | {statistics.mean(t5):.2f} ± {statistics.stdev(t5):.2f} | | |")
+    L += ["", "## Architectures at the best recipe (C-50 flags)", "",
+          "| model | test top-1 % | test top-5 % | params (M) | MMACs | CPU ms (b1) | epochs run (best) "
+          "| train wall |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "comparison" in r["groups"]:
+            arch = "ghostnet" if r["name"] == "d_c50_best" else r["step"]
+            p, mac, lat = r.get("params"), r.get("macs"), r.get("cpu_latency_ms")
+            L.append(f"| {arch} (`{r['name']}`){_status(r)} | {_pct(r.get('test_top1'))} | "
+                     f"{_pct(r.get('test_top5'))} | "
+                     f"{'–' if p is None else f'{p / 1e6:.2f}'} | {'–' if mac is None else f'{mac / 1e6:.0f}'} | "
+                     f"{'–' if lat is None else f'{lat:.2f}'} | {r.get('epochs_run') or '–'} "
+                     f"({r.get('best_epoch') or '–'}) | {_dur(r.get('train_wall_s'))} |")
+    L += ["", "## Commands", "", "Run from the repository root (`python benchmarks/experiments.py "
+          f"--epochs {args.epochs} --img-size {args.img_size} --seed {args.seed} --skip-done` runs them all):", "",
+          "```"]
+    for r in rows:
+        L += [f"# {r['name']} ({r['study']})", r["train_command"], r["eval_command"]]
+    L += ["```", ""]
+    p = args.out / "results.md"
+    p.write_text("\n".join(L))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- estimate
+def estimate(plans: list[Plan], args: argparse.Namespace, env: dict) -> int:
+    """2 epochs of each distinct architecture at the best recipe on --estimate-images training images (the
+    second epoch's speed counts: no warm-up); projects the campaign's wall time (an upper bound: early
+    stopping is not foreseen; on a CPU shared with other jobs, a pessimistic one)."""
+    sys.path.insert(0, str(REPO))
+    import data
+    spec = data.find_dataset(str(args.data))
+    sizes = {}
+    for off in sorted({p.exp.seed_offset for p in plans}):
+        s = data.make_splits(spec, val_split=args.val_split, seed=args.seed + off)
+        sizes[off] = (len(s["train"]), len(s["val"]), len(s["test"]))
+    best = next(e for e in experiments(args.epochs) if e.name == "d_c50_best")
+    archs = []
+    for p in plans:
+        a = p.exp.flags[p.exp.flags.index("--arch") + 1]
+        if a not in archs:
+            archs.append(a)
+    speed = {}
+    tmp = Path(tempfile.mkdtemp(prefix="experiments-estimate-"))
+    try:
+        for a in archs:
+            flags = list(best.flags)
+            flags[flags.index("--arch") + 1] = a
+            argv = ["train.py", "--data", str(args.data), "--out", str(tmp), "--name", a, "--img-size",
+                    str(args.img_size), "--epochs", "2", "--seed", str(args.seed), "--val-split", str(args.val_split),
+                    "--limit-train", str(args.estimate_images), "--limit-val", str(args.estimate_images // 2),
+                    *(["--threads", str(args.threads)] if args.threads else []),
+                    *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+                    *(["--device", args.device] if args.device else []), *flags]
+            argv[1:1] = shlex.split(args.train_args)  # before --limit-train etc., which win
+            proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                _, err = proc.communicate()
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
+            rows = read_metrics_csv(tmp / a / "metrics.csv")
+            if proc.returncode != 0 or len(rows) < 2:
+                print(f"estimate: {a}: train.py exited {proc.returncode}\n{err[-2000:]}", file=sys.stderr)
+                return 1
+            row = rows[-1]  # epoch 2: past the first steps' warm-up
+            n_tr, secs, ips = min(args.estimate_images, sizes[0][0]), float(row["seconds"]), float(row["img_per_s"])
+            n_va = min(args.estimate_images // 2, sizes[0][1])
+            val_s = max(secs - n_tr / ips, 1e-3)
+            speed[a] = (ips, n_va / val_s)
+            print(f"estimate: {a}: train {ips:.0f} img/s, validation {n_va / val_s:.0f} img/s "
+                  f"({n_tr} + {n_va} images, {args.img_size} px)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = 0.0
+    print(f"\nprojected wall time, {args.epochs} epochs each, no early stop (an upper bound):")
+    for p in plans:
+        a = p.exp.flags[p.exp.flags.index("--arch") + 1]
+        tr, va, te = sizes[p.exp.seed_offset]
+        ips, vps = speed[a]
+        secs = args.epochs * (tr / ips + va / vps) + te / vps + 30  # + ~30 s evaluate.py timing/start-up
+        total += secs
+        print(f"  {p.exp.name:24s} {a:20s} {_dur(secs):>8s}")
+    print(f"estimate: the whole campaign ({len(plans)} runs) projects to {_dur(total)} ({total / 3600:.1f} h) on "
+          f"this machine ({os.cpu_count()} cores, threads {args.threads or 'torch default'})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments (see --list)")
+    ap.add_argument("--list", action="store_true", help="list the experiments and their flags")
+    ap.add_argument("--dry-run", action="store_true", help="print the exact commands, run nothing")
+    ap.add_argument("--estimate", action="store_true",
+                    help="2 short epochs per architecture (--estimate-images images); prints the projected wall time")
+    ap.add_argument("--estimate-images", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=40, help="epochs per run (default: 40)")
+    ap.add_argument("--img-size", type=int, default=96, help="input size in px (default: 96)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every run; (f) adds 1 and 2 (default: 0)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"dataset (default: {show_path(DEFAULT_DATA)})")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"run folders (default: {show_path(DEFAULT_OUT)})")
+    ap.add_argument("--skip-done", action="store_true",
+                    help="reuse finished run folders, continue unfinished ones (resume a campaign)")
+    ap.add_argument("--val-split", type=float, default=0.1,
+                    help="validation = this stratified fraction of cars_train (0: the test split, as the study)")
+    ap.add_argument("--patience", type=int, default=None,
+                    help=f"early stopping (default: the study's {REF_PATIENCE} scaled to --epochs; 0 = off)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: train.py's (64)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for train.py and evaluate.py")
+    ap.add_argument("--device", default=None, help="train/evaluate --device (default: theirs, auto)")
+    ap.add_argument("--eval-runs", type=int, default=30, help="evaluate.py --runs (latency timing)")
+    ap.add_argument("--train-args", default="", help="extra train.py arguments (one string), e.g. for smoke runs")
+    ap.add_argument("--eval-args", default="", help="extra evaluate.py arguments (one string)")
+    return ap
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.epochs < 1 or args.img_size < 8:
+        print("error: --epochs must be >= 1 and --img-size >= 8", file=sys.stderr)
+        return 2
+    args.data, args.out = args.data.resolve(), args.out.resolve()
+    if args.patience is None:
+        args.patience = scale_epochs(REF_PATIENCE, args.epochs)
+    registry = experiments(args.epochs)
+    names = [e.name for e in registry]
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            print(f"error: unknown experiment(s) {', '.join(unknown)}; choose from: {', '.join(names)}",
+                  file=sys.stderr)
+            return 2
+    all_plans = [plan(e, args) for e in registry]
+    plans = [p for p in all_plans if not args.only or p.exp.name in args.only]
+
+    if args.list:
+        print(f"{len(registry)} experiments ({args.epochs} epochs, milestones "
+              f"{' '.join(map(str, scaled_milestones(args.epochs)))} = round(m * {args.epochs} / {REF_EPOCHS}) of "
+              f"{' '.join(map(str, REF_MILESTONES))}):")
+        for e in registry:
+            print(f"{e.name:24s} {e.study:30s} {'+'.join(e.groups):18s} {e.step:6s} {e.what}\n"
+                  f"{'':24s} seed+{e.seed_offset} {shlex.join(e.flags)}")
+        return 0
+    if args.dry_run:
+        for p in plans:
+            note = f"  # {state(p)}" if (p.run_dir.exists()) else ""
+            print(f"# {p.exp.name} ({p.exp.study}){note}\n{display(p.train)}\n{display(p.evaluate)}")
+        return 0
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # the subprocesses' lines arrive as they are printed
+    if args.estimate:
+        return estimate(plans, args, env)
+
+    from tqdm import tqdm
+    args.out.mkdir(parents=True, exist_ok=True)
+    gi = args.out / ".gitignore"
+    if not gi.exists():
+        gi.write_text(GITIGNORE)
+    if not args.skip_done:  # fail before hours of work, not in the middle
+        busy = [p.exp.name for p in plans if state(p) != "empty"]
+        if busy:
+            print(f"error: run folder(s) already present under {args.out}: {', '.join(busy)}; pass --skip-done "
+                  f"to reuse finished runs and continue unfinished ones, or remove them", file=sys.stderr)
+            return 2
+    env_info = environment(args)
+    failed = []
+    t0 = time.perf_counter()
+    bar = tqdm(plans, desc="experiments", unit="run", dynamic_ncols=True)
+    try:
+        for p in bar:
+            bar.set_postfix_str(p.exp.name)
+            if not run_one(p, args, env, tqdm.write):
+                failed.append(p.exp.name)
+            write_results(all_plans, args, env_info)
+    except KeyboardInterrupt:
+        write_results(all_plans, args, env_info)
+        print("\ninterrupted; finished runs are kept; continue with the same command plus --skip-done",
+              file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    res = write_results(all_plans, args, env_info)
+    print(f"{len(plans) - len(failed)}/{len(plans)} experiments done in {_dur(time.perf_counter() - t0)}; wrote {res} "
+          f"and {args.out / 'results.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)  # cleanup (children, temp folders) runs on `kill` too
+    sys.exit(main())

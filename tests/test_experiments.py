@@ -1,0 +1,187 @@
+"""benchmarks/experiments.py: the experiment registry, its commands, and one tiny real run on synthetic data."""
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import experiments as X  # noqa: E402
+
+SCRIPT = REPO / "benchmarks" / "experiments.py"
+LADDER = {"a_c1_plain": "C-1", "b_c3_smooth_norm": "C-3", "c_c7_augment": "C-7", "d_c50_best": "C-50",
+          "e_c50_plateau": "C-50", "f_c50_best_seed1": "C-50", "f_c50_best_seed2": "C-50"}
+ARCHS = ["ghostnet_official", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0",
+         "efficientnet_b0", "resnet18"]
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+def opts(argv: list[str]) -> dict[str, list[str]]:
+    """--flag value... of a command line as {flag: [values]} (a bare flag maps to [])."""
+    out, key = {}, None
+    for tok in argv:
+        if tok.startswith("--"):
+            key = tok
+            out[key] = []
+        elif key is not None:
+            out[key].append(tok)
+    return out
+
+
+def test_schedule_scaling():
+    assert X.scaled_milestones(130) == [67, 82, 95, 107]
+    assert X.scaled_milestones(40) == [21, 25, 29, 33]  # round(m * 40 / 130)
+    ms = X.scaled_milestones(1)
+    assert ms == sorted(set(ms)) and ms[0] >= 1  # still strictly increasing
+    assert X.scale_epochs(X.REF_PATIENCE, 40) == 5 and X.scale_epochs(X.REF_PLATEAU_PATIENCE, 40) == 3
+
+
+def test_list_names_every_experiment():
+    r = cli("--list")
+    assert r.returncode == 0, r.stderr
+    for name, study in LADDER.items():
+        assert name in r.stdout and study in r.stdout
+    for arch in ARCHS:
+        assert f"cmp_{arch}" in r.stdout and f"--arch {arch}" in r.stdout
+    assert "21 25 29 33" in r.stdout
+
+
+def test_dry_run_commands_have_the_right_flags(tmp_path):
+    r = cli("--dry-run", "--epochs", 40, "--img-size", 96, "--seed", 7, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    train = {opts(shlex.split(ln))["--name"][0]: opts(shlex.split(ln)) for ln in lines
+             if ln.startswith("python train.py")}
+    evals = [ln for ln in lines if ln.startswith("python evaluate.py")]
+    assert set(train) == set(LADDER) | {f"cmp_{a}" for a in ARCHS}
+    assert len(evals) == len(train)
+    for name, o in train.items():
+        assert o["--epochs"] == ["40"] and o["--img-size"] == ["96"] and o["--val-split"] == ["0.1"]
+        assert o["--data"][0].endswith("shared/data")
+        assert any(f"{name}/best.pt" in e and f"{name}/{X.EVAL_JSON}" in e and "--split test" in e for e in evals)
+    seeds = {n: o["--seed"] for n, o in train.items()}
+    assert seeds["f_c50_best_seed1"] == ["8"] and seeds["f_c50_best_seed2"] == ["9"]
+    assert all(s == ["7"] for n, s in seeds.items() if not n.startswith("f_"))
+    a, b, c = train["a_c1_plain"], train["b_c3_smooth_norm"], train["c_c7_augment"]
+    for o in (a, b, c):  # the study's early settings: Adam, no weight decay, no schedule
+        assert o["--optimizer"] == ["adam"] and o["--wd"] == ["0"] and o["--scheduler"] == ["none"]
+        assert o["--arch"] == ["ghostnet"]
+    assert a["--label-smoothing"] == ["0"] and "--no-normalize" in a and a["--augment"] == ["none"]
+    assert b["--label-smoothing"] == ["0.1"] and "--no-normalize" not in b and b["--augment"] == ["none"]
+    assert c["--augment"] == ["flip", "affine", "jitter"] and "--no-normalize" not in c
+    best = ["--optimizer", "--wd", "--dropout", "--out-channels", "--label-smoothing", "--augment"]
+    for name in ["d_c50_best", "e_c50_plateau", "f_c50_best_seed1", "f_c50_best_seed2"] + [f"cmp_{x}" for x in ARCHS]:
+        o = train[name]
+        assert [o[k] for k in best] == [["adamw"], ["0.6"], ["0.2"], ["320"], ["0.1"], ["flip", "affine", "jitter"]]
+        assert "--no-normalize" not in o
+        if name == "e_c50_plateau":
+            assert o["--scheduler"] == ["plateau"] and o["--plateau-patience"] == ["3"]
+        else:
+            assert o["--scheduler"] == ["multistep"] and o["--milestones"] == ["21", "25", "29", "33"]
+    for arch in ARCHS:
+        assert train[f"cmp_{arch}"]["--arch"] == [arch]
+    assert train["d_c50_best"]["--arch"] == ["ghostnet"]
+
+
+def test_unknown_name_is_refused():
+    r = cli("--only", "nope", "--dry-run")
+    assert r.returncode == 2 and "nope" in r.stderr and "d_c50_best" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    import data
+    root = tmp_path_factory.mktemp("exp")
+    demo = Path(data.make_demo_dataset(root / "demo", num_classes=3, train_per_class=12, test_per_class=4, seed=0))
+    out = root / "out"
+    argv = ["--only", "d_c50_best", "--epochs", "1", "--img-size", "32", "--data", str(demo), "--out", str(out),
+            "--device", "cpu", "--threads", "1", "--batch-size", "8", "--eval-runs", "1", "--val-split", "0.25",
+            "--train-args", f"--workers 1 --cache-dir {root / 'cache'}"]
+    rc = X.main(argv)
+    return rc, out, argv
+
+
+def test_smoke_run_writes_tables(smoke):
+    rc, out, _ = smoke
+    assert rc == 0
+    run = out / "d_c50_best"
+    for f in ("config.json", "metrics.csv", X.EVAL_JSON, X.RECORD, "train.log", "best.pt"):
+        assert (run / f).exists(), f
+    assert "*.pt" in (out / ".gitignore").read_text() and "*.png" in (out / ".gitignore").read_text()
+    md = (out / "results.md").read_text()
+    assert "held-out part of the official train split, 128x96 copy, 1 epochs at 32 px: not comparable to the " \
+           "study's 83.79% on full-size images" in md
+    assert "## Ablation ladder" in md and "## Architectures at the best recipe" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| (d) |"))
+    assert "`d_c50_best`" in row and "not run" not in row
+    ev = json.loads((run / X.EVAL_JSON).read_text())
+    assert f"{100 * ev['metrics']['top1']:.2f}" in row
+    cmp_row = next(ln for ln in md.splitlines() if ln.startswith("| ghostnet (`d_c50_best`)"))
+    assert f"{ev['efficiency']['macs'] / 1e6:.0f}" in cmp_row
+    assert "| (a) |" in md and "(not run)" in md  # the rest of the ladder is listed, marked not run
+    assert "python train.py" in md and "--name d_c50_best" in md and "python evaluate.py" in md
+    res = json.loads((out / "results.json").read_text())
+    d = next(r for r in res["experiments"] if r["name"] == "d_c50_best")
+    assert d["state"] == "done" and d["test_top1"] == ev["metrics"]["top1"] and d["train_wall_s"] > 0
+    assert d["epochs_run"] == 1 and d["params"] > 0 and d["cpu_latency_ms"] > 0
+    assert res["environment"]["torch"] and res["settings"]["milestones"] == X.scaled_milestones(1)
+
+
+def test_rerun_needs_skip_done_and_then_reuses(smoke):
+    _, out, argv = smoke
+    assert X.main(argv) == 2  # a present run folder is not silently overwritten
+    before = json.loads((out / "d_c50_best" / X.RECORD).read_text())
+    assert X.main(argv + ["--skip-done"]) == 0  # reused: nothing retrained
+    assert json.loads((out / "d_c50_best" / X.RECORD).read_text()) == before
+    r = cli(*argv[:-2], "--train-args", argv[-1], "--dry-run")
+    assert "# done" in r.stdout
+
+
+def test_estimate_projects_wall_time(smoke, tmp_path):
+    _, out, argv = smoke
+    demo = argv[argv.index("--data") + 1]
+    r = cli("--estimate", "--only", "d_c50_best", "--data", demo, "--img-size", 32, "--epochs", 40,
+            "--estimate-images", 16, "--batch-size", 8, "--threads", 1, "--device", "cpu", "--val-split", 0.25,
+            "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'}")
+    assert r.returncode == 0, r.stderr
+    assert "estimate: ghostnet: train" in r.stdout and "projects to" in r.stdout and "d_c50_best" in r.stdout
+
+
+def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
+    """A campaign stopped mid-run (SIGTERM) leaves no child behind; --skip-done continues with --resume."""
+    import signal
+    import time
+    _, _, argv = smoke
+    demo = argv[argv.index("--data") + 1]
+    args = ["--only", "a_c1_plain", "--epochs", 2, "--img-size", 32, "--data", demo, "--out", tmp_path / "out",
+            "--device", "cpu", "--threads", 1, "--batch-size", 8, "--eval-runs", 1, "--val-split", 0.25,
+            "--patience", 0, "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'} --debug-step-sleep 0.4"]
+    run = tmp_path / "out" / "a_c1_plain"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        # metrics.csv is written after last.pt and best.pt: epoch 1 is complete, epoch 2 under way
+        while not (run / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert (run / "best.pt").exists() and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rec = json.loads((run / X.RECORD).read_text())
+    assert rec["train_rc"] not in (None, 0) and rec["train_sessions"] == 1
+    assert X.main([str(a) for a in args]) == 2  # present folder, no --skip-done
+    assert X.main([str(a) for a in args] + ["--skip-done"]) == 0
+    rec = json.loads((run / X.RECORD).read_text())
+    assert rec["train_rc"] == 0 and rec["train_sessions"] == 2 and rec["eval_rc"] == 0
+    assert f"train.py --resume {run}" in (run / "train.log").read_text()
+    assert len(X.read_metrics_csv(run / "metrics.csv")) == 2
