@@ -33,12 +33,17 @@ DEFAULT_CLASSES = 196  # Stanford Cars; only used when an architecture is measur
 # efficiency
 
 def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda when present, else cpu."""
+    """--device for every script: 'auto' -> cuda when present, else cpu; ValueError (one line) for a
+    name that is no device or a CUDA device torch cannot see."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
+    return device
 
 
 def _sync(device: torch.device) -> None:

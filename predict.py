@@ -22,6 +22,7 @@ import torch
 
 import data
 import model as M
+from evaluate import pick_device
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 REPO = Path(__file__).resolve().parent
@@ -205,12 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt_path is None:
                 ckpt_path = newest_checkpoint()
                 print(f"using {ckpt_path} (newest runs/*/best.pt; pass --checkpoint to choose)", file=sys.stderr)
-            if args.device == "auto":
-                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            elif args.device.startswith("cuda") and not torch.cuda.is_available():
-                raise PredictError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-            else:
-                device = torch.device(args.device)
+            try:
+                device = pick_device(args.device)
+            except ValueError as e:
+                raise PredictError(str(e)) from None
             probs_fn, class_names, prep = torch_predictor(ckpt_path, device, args.ghost_op)
             source = str(ckpt_path)
         if bbox is not None and not prep.crop_bbox:

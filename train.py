@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from evaluate import cpu_name
+from evaluate import cpu_name, pick_device
 from model import ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint
 
 REPO = Path(__file__).resolve().parent
@@ -270,15 +270,10 @@ def device_name(device: torch.device) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda but torch sees no CUDA device; use --device cpu (or auto)")
-    return device
+        return pick_device(name)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def check_options(args: argparse.Namespace) -> None:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -139,17 +138,23 @@ def eager_loop_time(fn, sets: list, repeat: int, warmup: int) -> float:
         for t in sets:
             fn(t)
     torch.cuda.synchronize()
-    passes = _passes(repeat, len(sets))
+    def one_pass():
+        for t in sets:
+            fn(t)
+    return _event_time(one_pass, _passes(repeat, len(sets)), len(sets))
+
+
+def _event_time(one_pass, passes: int, calls_per_pass: int) -> float:
+    """CUDA: seconds per call, from CUDA events around `passes` runs of one_pass(); median of 3 rounds."""
     times = []
     for _ in range(3):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(passes):
-            for t in sets:
-                fn(t)
+            one_pass()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / (passes * len(sets)))
+        times.append(a.elapsed_time(b) / 1e3 / (passes * calls_per_pass))
     return statistics.median(times)
 
 
@@ -173,17 +178,8 @@ def graph_time(fn, sets: list, repeat: int) -> tuple[float | None, str]:
                 fn(t)
         graph.replay()
         torch.cuda.synchronize()
-        passes = _passes(repeat, len(sets))
-        times = []
-        for _ in range(3):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(passes):
-                graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / (passes * len(sets)))
-        return statistics.median(times), ""
+        seconds = _event_time(graph.replay, _passes(repeat, len(sets)), len(sets))
+        return seconds, ""
     except Exception as e:  # capture refused: report it and time eagerly instead
         torch.cuda.synchronize()
         return None, f"graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
