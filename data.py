@@ -1167,7 +1167,15 @@ class BatchTransform:
         else:
             scale, shift = torch.full((1, 1, 1, 1), 1 / 255, device=dev), torch.zeros(1, 1, 1, 1, device=dev)
 
+        # Grad and inference mode are thread-local: the pool's threads must run in the caller's, or `out`,
+        # an inference tensor when made under torch.inference_mode (evaluate.py), refuses their in-place writes.
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
         def run(sl: slice) -> None:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                transform_chunk(sl)
+
+        def transform_chunk(sl: slice) -> None:
             x = images[sl].to(torch.float32)
             if M is not None or "jitter" in p:
                 x = x.mul_(1.0 / 255)  # the colour ops clamp to [0, 1] like torchvision's float kernels

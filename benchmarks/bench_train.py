@@ -12,6 +12,7 @@ into benchmarks/results/ (or --out-dir, or $OUT).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -77,15 +78,15 @@ class Trainer:
             self.times.append(time.perf_counter() - t0)
 
     def grads(self) -> list[torch.Tensor | None]:
-        """Gradients of one forward/backward (no optimizer step): a sanity check that the op under test
-        really backpropagates (a step that skips part of the backward would look fast)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """Gradients of one forward/backward (no optimizer step) of a float64 copy of the model on 8 of the
+        images, without autocast: a sanity check that the op under test really backpropagates (a step that
+        skips part of the backward would look fast). float64 because in float32, and far more in bfloat16,
+        training-mode BatchNorm over a batch amplifies rounding differences between two correct
+        implementations into gradient differences of 1e-2 and more (see tests/test_op.py)."""
+        model = copy.deepcopy(self.model).double()
         torch.manual_seed(0)  # the same dropout masks for every model
-        with self.autocast:
-            self.criterion(self.model(self.x).float(), self.y).backward()
-        g = [None if p.grad is None else p.grad.detach().float().clone() for p in self.model.parameters()]
-        self.optimizer.zero_grad(set_to_none=True)
-        return g
+        self.criterion(model(self.x[:8].double()), self.y[:8]).backward()
+        return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
 
     def summary(self, batch_size: int) -> dict:
         t = sorted(self.times)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         trainers.append((name, Trainer(make(), args, device)))
     # gradient check: the ghostnet variants start from the same weights (same seed), so their first
-    # gradients must agree; a missing gradient or a large difference marks that row as suspect
+    # gradients (float64) must agree; a missing gradient or a difference over 1e-6 marks that row as suspect
     ref = trainers[0][1].grads()
     checks = {}
     for name, tr in trainers:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             scale = max(b.abs().max().item() for b in ref if b is not None) + 1e-12
             rel = max((a - b).abs().max().item() for a, b in zip(g, ref) if a is not None and b is not None) / scale
         checks[name] = {"params_without_grad": missing, "max_rel_grad_diff_vs_torch": rel}
-        if missing or (rel is not None and rel > 1e-2):
+        if missing or (rel is not None and rel > 1e-6):
             print(f"WARNING: {name}: {missing} parameters got no gradient, max relative gradient difference "
                   f"to ghost_op=torch {rel}: its throughput is not comparable", file=sys.stderr)
     for name, tr in trainers:

@@ -54,10 +54,9 @@ REF_PATIENCE = 15
 STUDY_BEST = "83.79%"
 
 GITIGNORE = """\
-# written by benchmarks/experiments.py: checkpoints, plots and per-image outputs stay out of git;
-# config.json, metrics.csv, train.log, evaluate_test.json, experiment.json and results.* are kept
+# written by benchmarks/experiments.py: checkpoints and per-image outputs stay out of git;
+# config.json, metrics.csv, curves.png, train.log, evaluate_test.json, experiment.json and results.* are kept
 *.pt
-*.png
 *.tmp*
 predictions.csv
 confusion.csv
@@ -309,6 +308,7 @@ def collect(pl: Plan) -> dict:
         best_epoch=m.get("epoch"),
         val_top1=max((float(r["val_acc"]) for r in rows), default=None),
         train_img_per_s=statistics.median(float(r["img_per_s"]) for r in rows) if rows else None,
+        epoch_s_median=statistics.median(float(r["seconds"]) for r in rows) if rows else None,
         test_top1=m.get("top1"), test_top5=m.get("top5"), test_mean_class=m.get("mean_class_acc"),
         test_images=m.get("images"), params=eff.get("params"), macs=eff.get("macs"),
         cpu_latency_ms=(eff.get("cpu") or {}).get("latency_ms"), latency_threads=eff.get("threads"),
@@ -329,6 +329,10 @@ def _dur(s) -> str:
         return "–"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _sec(s) -> str:
+    return "–" if s is None else f"{s:.1f} s"
 
 
 def _status(r: dict) -> str:
@@ -384,35 +388,39 @@ def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -
          f"({next((r['test_images'] for r in rows if r.get('test_images')), '?')} images)",
          "- latency: evaluate.py's CPU figure, BN-folded model, batch 1, median of "
          f"{args.eval_runs} runs, on a CPU shared with other jobs (noisy)",
-         "- wall time: train.py (all sessions, if resumed) + evaluate.py, on this machine", "",
+         "- wall time: train.py (all sessions, if resumed) + evaluate.py, on this machine; s/epoch: the median "
+         "epoch (training + validation) from metrics.csv, which other jobs on the machine disturb less than the "
+         "total", "",
          "## Ablation ladder (GhostNet)", "",
          "| step | study | experiment | change | epochs run (best) | val top-1 % | test top-1 % | test top-5 % "
-         "| train wall | eval wall |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| train wall | s/epoch | eval wall |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ladder" in r["groups"]:
             L.append(f"| {r['step']} | {r['study']} | `{r['name']}`{_status(r)} | {r['what']} | "
                      f"{r.get('epochs_run') or '–'} ({r.get('best_epoch') or '–'}) | {_pct(r.get('val_top1'))} | "
                      f"{_pct(r.get('test_top1'))} | {_pct(r.get('test_top5'))} | {_dur(r.get('train_wall_s'))} | "
-                     f"{_dur(r.get('eval_wall_s'))} |")
+                     f"{_sec(r.get('epoch_s_median'))} | {_dur(r.get('eval_wall_s'))} |")
     seeds = [r for r in rows if r["name"].startswith(("d_c50_best", "f_c50_best")) and r.get("test_top1") is not None]
     if len(seeds) >= 2:
         t1 = [100 * r["test_top1"] for r in seeds]
         t5 = [100 * r["test_top5"] for r in seeds]
         L.append(f"| (d)+(f) | C-50 | mean ± sd over {len(seeds)} seeds | | | | {statistics.mean(t1):.2f} ± "
-                 f"{statistics.stdev(t1):.2f} | {statistics.mean(t5):.2f} ± {statistics.stdev(t5):.2f} | | |")
+                 f"{statistics.stdev(t1):.2f} | {statistics.mean(t5):.2f} ± {statistics.stdev(t5):.2f} | | | |")
     L += ["", "## Architectures at the best recipe (C-50 flags)", "",
           "| model | test top-1 % | test top-5 % | params (M) | MMACs | CPU ms (b1) | epochs run (best) "
-          "| train wall |", "|---|---|---|---|---|---|---|---|"]
+          "| train wall | s/epoch | train img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "comparison" in r["groups"]:
             arch = "ghostnet" if r["name"] == "d_c50_best" else r["step"]
             p, mac, lat = r.get("params"), r.get("macs"), r.get("cpu_latency_ms")
+            ips = "–" if r.get("train_img_per_s") is None else f"{r['train_img_per_s']:.0f}"
             L.append(f"| {arch} (`{r['name']}`){_status(r)} | {_pct(r.get('test_top1'))} | "
                      f"{_pct(r.get('test_top5'))} | "
                      f"{'–' if p is None else f'{p / 1e6:.2f}'} | {'–' if mac is None else f'{mac / 1e6:.0f}'} | "
                      f"{'–' if lat is None else f'{lat:.2f}'} | {r.get('epochs_run') or '–'} "
-                     f"({r.get('best_epoch') or '–'}) | {_dur(r.get('train_wall_s'))} |")
+                     f"({r.get('best_epoch') or '–'}) | {_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} | "
+                     f"{ips} |")
     L += ["", "## Commands", "", "Run from the repository root (`python benchmarks/experiments.py "
           f"--epochs {args.epochs} --img-size {args.img_size} --seed {args.seed} --skip-done` runs them all):", "",
           "```"]

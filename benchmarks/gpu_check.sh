@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; needs nvcc, a CUDA torch, a GPU; no network
 #
-# Writes into $OUT when set, else benchmarks/results/ (six files at most): gpu_check.log (everything),
-# pytest_cuda.log, bench_op_cuda.json/.md, bench_train_cuda.json/.md; prints a short table last.
+# Writes into $OUT when set, else benchmarks/results/: gpu_check.log (everything), pytest_cuda.log,
+# bench_op_cuda.json/.md, generic_kernels/bench_op_cuda.json/.md (GHOST_CUDA_TILES=0: the kernels
+# before the tiled ones, for the A/B), bench_train_cuda.json/.md; prints a short table last.
 # A failing step is reported and the later steps still run; the exit status is 1 if any step failed.
 set -u -o pipefail
 
@@ -65,6 +66,11 @@ run_step "pytest tests/test_op.py + CUDA data test" 120 "$RES/pytest_cuda.log" \
 run_step "bench_op.py --device cuda" 110 - \
     "$PY" benchmarks/bench_op.py --device cuda --repeat 20 --out "$RES" --note "gpu_check.sh"
 
+# The same benchmark with the tiled NCHW kernels off (the generic per-pixel kernels), for the A/B.
+run_step "bench_op.py --device cuda, generic kernels (GHOST_CUDA_TILES=0)" 60 - \
+    env GHOST_CUDA_TILES=0 "$PY" benchmarks/bench_op.py --device cuda --batch 64 --dtype float32 --repeat 20 \
+    --out "$RES/generic_kernels" --note "gpu_check.sh, GHOST_CUDA_TILES=0"
+
 if [ -f benchmarks/bench_train.py ]; then
     run_step "bench_train.py --device cuda (short, bf16 autocast)" 70 - \
         "$PY" benchmarks/bench_train.py --device cuda --batch-size 64 --steps 10 --warmup 3 --amp \
@@ -82,9 +88,10 @@ fi
     echo "--- pytest:"
     grep -E "^(FAILED|ERROR)" "$RES/pytest_cuda.log" 2>/dev/null | head -n 15
     tail -n 1 "$RES/pytest_cuda.log" 2>/dev/null
-    if [ -f "$RES/bench_op_cuda.json" ]; then
-        echo "--- bench_op (sum over the 32 GhostNet shapes; speedup = torch / ext; GPU = CUDA-graph replay time, eager = Python loop):"
-        "$PY" - "$RES/bench_op_cuda.json" <<'EOF'
+    for J in "$RES/bench_op_cuda.json" "$RES/generic_kernels/bench_op_cuda.json"; do
+    if [ -f "$J" ]; then
+        echo "--- bench_op $J (sum over the 32 GhostNet shapes; speedup = torch / ext; GPU = CUDA-graph replay time, eager = Python loop):"
+        "$PY" - "$J" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{r['machine'].get('gpu', '?')}, copy {r['copy_bandwidth_GBps']:.0f} GB/s")
@@ -99,6 +106,7 @@ for n in r.get("notes", [])[:8]:
     print("  note:", n)
 EOF
     fi
+    done
     if [ -f "$RES/bench_train_cuda.md" ]; then
         echo "--- bench_train:"
         grep -E "^\|" "$RES/bench_train_cuda.md" | head -n 8

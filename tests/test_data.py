@@ -658,3 +658,20 @@ def test_real_data_decodes_with_bbox_crop(real_data, tmp_path):
         warnings.simplefilter("ignore")  # the real boxes are in full-size pixels: many fall outside
         dec = data.decode_cached(recs, data.Preprocess(img_size=32, crop_bbox=True, bbox_margin=0.1), tmp_path)
     assert dec.images.shape == (40, 3, 32, 32) and not dec.skipped
+
+
+@pytest.mark.parametrize("augment", [None, ["flip", "affine", "jitter"]], ids=["eval", "augment"])
+def test_batch_transform_thread_pool_under_inference_mode(augment):
+    """Regression: evaluate.py transforms under torch.inference_mode, and the CPU pool's threads do not
+    inherit that thread-local mode, so with 2+ threads and several chunks their in-place writes into the
+    (inference) output tensor raised "Inplace update to inference tensor outside InferenceMode"."""
+    u8 = (_imgs(B=12, H=32, W=32) * 255).round().to(torch.uint8)
+    bt = data.BatchTransform(data.Preprocess(img_size=32), augment)
+    bt.threads = 2  # 12 images = 3 chunks of 4 on 2 pool threads
+    want = bt(u8, train=augment is not None, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = bt(u8, train=augment is not None, generator=torch.Generator().manual_seed(0))
+    assert got.is_inference()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(bt(u8, train=False), bt(u8, train=False))

@@ -1,25 +1,51 @@
 // CUDA kernels of ghost_ext::ghost_concat. The per-element math is ghost_math.h (shared with the
-// CPU kernels); this file only maps it onto threads. No atomics: every reduction writes one
-// partial per (channel, pixel chunk) and a second kernel combines them in a fixed order, so the
-// results are bitwise reproducible for a given shape.
+// CPU kernels); this file only maps it onto threads (ghost_cuda.h describes the two kernel families:
+// shared-memory tiles for NCHW, a generic per-pixel mapping for the rest). No atomics: every reduction
+// writes one partial per (channel, tile or chunk) and a second kernel combines them in a fixed order,
+// so the results are bitwise reproducible for a given shape.
 //
-// Training forward: stats (conv recomputed, Welford partials) -> finalize (mean, var, invstd)
-//                   -> apply (conv recomputed, BN, ReLU, both halves of the output written once).
+// Training forward: stats (Welford partials; the tiled kernel also writes the identity half)
+//                   -> finalize (mean, var, invstd) -> apply (conv recomputed, BN, ReLU).
 // Eval forward:     apply only (the running statistics are folded per channel in the kernel).
-// Backward:         reduce sum(g), sum(g*yhat) -> sum partials (= grad_bn_bias, grad_bn_weight)
-//                   -> dy (float workspace) -> grad_x (= grad_out + conv_transpose(dy)) and grad_w
-//                   partials -> sum partials. Five launches; no fills (zero rows written in-kernel).
-// Reading x twice instead of storing the depthwise output keeps the forward at one write of the
-// output; the recomputed k*k taps hit L1/L2.
+// Backward, tiled:  reduce sum(g), sum(g*yhat) -> sum partials (= grad_bn_bias, grad_bn_weight)
+//                   -> grad_x (= grad_out + conv_transpose(dy), dy recomputed in shared memory) and
+//                   grad_w partials -> sum partials. Four launches.
+// Backward, generic: as tiled, with dy written to a float workspace by a launch of its own (five).
+// No fills: zero rows are written in-kernel. Reading x twice instead of storing the depthwise output
+// keeps the forward at one write of the output.
+//
+// tests/test_cuda_emu.py runs this file on the CPU through cuda_emu.h: every launch goes through
+// launch() and dynamic shared memory through GHOST_DYNAMIC_SMEM for that reason.
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#if defined(GHOST_CUDA_EMULATE)  // tests/test_cuda_emu.py: these kernels on the CPU
+#include "cuda_emu.h"
+#else
 #include <cuda_runtime.h>
+#define GHOST_DYNAMIC_SMEM(type, name)                                 \
+  extern __shared__ __align__(16) unsigned char ghost_dynamic_smem[]; \
+  type* name = reinterpret_cast<type*>(ghost_dynamic_smem)
+#endif
+
+#include <type_traits>
 
 #include "ghost_cuda.h"
 
 namespace ghost {
 namespace {
+
+// Every launch goes through here, so the CPU emulator can stand in for the GPU.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream, Args... args) {
+#if defined(GHOST_CUDA_EMULATE)
+  (void)stream;
+  emu::launch(grid, block, smem_bytes, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+#endif
+}
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -120,18 +146,8 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_kernel(Geom g, int iters, 
           ++cnt;
         }
       }
-      if (cnt == 0) continue;
-      // exact two-pass moments of the 8-value register tile, then Chan's merge
-      Moments<acc_t> t;
-      t.n = acc_t(cnt);
-      t.mean = s / acc_t(cnt);
-      t.m2 = acc_t(0);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int64_t p = base + static_cast<int64_t>(i0 + j) * blockDim.y;
-        if (p < g.NHW) t.m2 += (v[j] - t.mean) * (v[j] - t.mean);
-      }
-      acc = moments_merge(acc, t);
+      // the valid values are v[0, cnt): pixels grow with j
+      if (cnt > 0) acc = moments_merge(acc, batch_moments(v, cnt, s));
     }
   }
   const Moments<acc_t> r = merge_over_ty(acc, sn, smean, sm2);
@@ -370,6 +386,326 @@ __global__ void __launch_bounds__(kThreads) bwd_dx_dw_kernel(Geom g, int iters, 
   }
 }
 
+// ---- tiled kernels (NCHW, k in {1, 3, 5, 7}) ----------------------------------------------------
+// See ghost_cuda.h for the tiling. All offsets are 32-bit (make_cfg checks that they fit). Shared
+// memory holds acc_t, so every tap is read in the accumulation type once staged.
+
+constexpr int kTileWarps = kTileThreads / 32;
+
+struct Tile {  // the part of the tensor one block owns
+  int c, n0, tp, h0, th;
+};
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+__device__ __forceinline__ Tile tile_of(const Geom& g, const LaunchCfg& cfg) {
+  Tile t;
+  t.c = static_cast<int>(blockIdx.y);
+  const int bands = static_cast<int>(cfg.bands);
+  const int item = static_cast<int>(blockIdx.x);
+  const int grp = item / bands, band = item - grp * bands;
+  t.n0 = grp * cfg.tp;
+  t.tp = imin(cfg.tp, static_cast<int>(g.N) - t.n0);
+  t.h0 = band * cfg.th;
+  t.th = imin(cfg.th, static_cast<int>(g.H) - t.h0);
+  return t;
+}
+
+// s[p][r][col] = x[n0 + p, c, h0 - hp + r, col - hp], zero outside the image: the tile with a halo of
+// hp rows/columns, rows of W + 2 hp. Consecutive threads read consecutive columns (coalesced).
+template <typename scalar_t, typename acc_t>
+__device__ void stage_tile(const Geom& g, const Tile& t, int hp, const scalar_t* __restrict__ x, acc_t* __restrict__ s) {
+  const int H = static_cast<int>(g.H), W = static_cast<int>(g.W);
+  const int CS = W + 2 * hp, PS = (t.th + 2 * hp) * CS, total = t.tp * PS;
+  const scalar_t* xc = x + t.n0 * static_cast<int>(g.xsN) + t.c * static_cast<int>(g.xsC);
+  const int sN = static_cast<int>(g.xsN), sH = static_cast<int>(g.xsH);
+  for (int e = threadIdx.x; e < total; e += kTileThreads) {
+    const int p = e / PS, rem = e - p * PS, r = rem / CS, col = rem - r * CS;
+    const int h = t.h0 - hp + r, w = col - hp;
+    s[e] = (h >= 0 && h < H && w >= 0 && w < W) ? static_cast<acc_t>(xc[p * sN + h * sH + w]) : acc_t(0);
+  }
+}
+
+// The K x K window sum whose top-left tap is s[0] (rows CS apart); a-major, b-minor as dw_conv_point.
+template <int K, typename acc_t>
+__device__ __forceinline__ acc_t window(const acc_t* s, int CS, const acc_t (&wr)[K * K]) {
+  acc_t acc = acc_t(0);
+#pragma unroll
+  for (int a = 0; a < K; ++a)
+#pragma unroll
+    for (int b = 0; b < K; ++b) acc += wr[a * K + b] * s[a * CS + b];
+  return acc;
+}
+
+template <int K, typename acc_t>
+__device__ __forceinline__ void load_taps(const acc_t* __restrict__ w, int c, acc_t (&wr)[K * K]) {
+#pragma unroll
+  for (int i = 0; i < K * K; ++i) wr[i] = w[c * K * K + i];
+}
+
+// Output q of a tile (q < tp * th * W) -> plane p, tile row hl, column w.
+struct Out {
+  int p, hl, w;
+};
+__device__ __forceinline__ Out out_of(int q, int per_plane, int W) {
+  Out o;
+  o.p = q / per_plane;
+  const int rem = q - o.p * per_plane;
+  o.hl = rem / W;
+  o.w = rem - o.hl * W;
+  return o;
+}
+
+// Sums of M values over the block (256 threads, fixed order); valid in threads tid < M, each
+// holding the sum of value tid. red: M * kTileWarps elements of shared memory.
+template <int M, typename acc_t>
+__device__ acc_t block_sums(acc_t (&v)[M], acc_t* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+    for (int off = 16; off > 0; off >>= 1) v[i] += __shfl_down_sync(0xffffffffu, v[i], off);
+  if (lane == 0)
+#pragma unroll
+    for (int i = 0; i < M; ++i) red[i * kTileWarps + warp] = v[i];
+  __syncthreads();
+  acc_t r = acc_t(0);
+  if (static_cast<int>(threadIdx.x) < M)
+    for (int j = 0; j < kTileWarps; ++j) r += red[threadIdx.x * kTileWarps + j];
+  return r;
+}
+
+// Training forward, pass 1: Welford partials of the depthwise output per (channel, tile) in
+// part[{n, mean, m2}][c * G + tile], and the identity half out[:, c] = x[:, c]. grid.y = C.
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kTileThreads) tiled_fwd_stats_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ x,
+                                                                       const acc_t* __restrict__ w, scalar_t* __restrict__ out,
+                                                                       acc_t* __restrict__ part) {
+  constexpr int P = K / 2;
+  GHOST_DYNAMIC_SMEM(acc_t, s);
+  __shared__ acc_t red[3 * kTileWarps];
+  const Tile t = tile_of(g, cfg);
+  const int W = static_cast<int>(g.W), CS = W + 2 * P, PS = (t.th + 2 * P) * CS;
+  const int per_plane = t.th * W, total = t.tp * per_plane;
+  acc_t wr[K * K];
+  load_taps<K>(w, t.c, wr);
+  stage_tile(g, t, P, x, s);
+  __syncthreads();
+  scalar_t* oc = out + t.n0 * static_cast<int>(g.osN) + t.c * static_cast<int>(g.osC) + t.h0 * static_cast<int>(g.osH);
+  Moments<acc_t> acc{acc_t(0), acc_t(0), acc_t(0)};
+  for (int q0 = threadIdx.x; q0 < total; q0 += 8 * kTileThreads) {
+    acc_t v[8];
+    int cnt = 0;
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int q = q0 + j * kTileThreads;
+      v[j] = acc_t(0);
+      if (q < total) {
+        const Out o = out_of(q, per_plane, W);
+        const acc_t* sp = s + o.p * PS + o.hl * CS + o.w;
+        v[j] = window<K>(sp, CS, wr);
+        sum += v[j];
+        ++cnt;
+        oc[o.p * static_cast<int>(g.osN) + o.hl * static_cast<int>(g.osH) + o.w] = static_cast<scalar_t>(sp[P * CS + P]);
+      }
+    }
+    if (cnt > 0) acc = moments_merge(acc, batch_moments(v, cnt, sum));  // v[0, cnt) are valid
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) acc = moments_merge(acc, shfl_down_moments(acc, off));
+  if (lane == 0) {
+    red[warp] = acc.n;
+    red[kTileWarps + warp] = acc.mean;
+    red[2 * kTileWarps + warp] = acc.m2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Moments<acc_t> r{acc_t(0), acc_t(0), acc_t(0)};
+    for (int j = 0; j < kTileWarps; ++j) r = moments_merge(r, Moments<acc_t>{red[j], red[kTileWarps + j], red[2 * kTileWarps + j]});
+    const int64_t slot = static_cast<int64_t>(t.c) * cfg.G + blockIdx.x, stride = g.C * cfg.G;
+    part[slot] = r.n;
+    part[stride + slot] = r.mean;
+    part[2 * stride + slot] = r.m2;
+  }
+}
+
+// out[:, C + c] = relu?(bn(conv(x)[:, c])). Training: stats = (mean, invstd) from fwd_finalize_kernel,
+// grid.y = NY. Eval: stats = (running_mean, running_var) folded here, grid.y = C, and this kernel also
+// writes the identity half and the op's (mean, invstd, var) outputs.
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kTileThreads) tiled_fwd_apply_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ x,
+                                                                       const acc_t* __restrict__ w, bool training,
+                                                                       const acc_t* __restrict__ stat0, const acc_t* __restrict__ stat1,
+                                                                       acc_t eps, const acc_t* __restrict__ gamma,
+                                                                       const acc_t* __restrict__ beta, bool relu, scalar_t* __restrict__ out,
+                                                                       acc_t* __restrict__ mean_out, acc_t* __restrict__ invstd_out,
+                                                                       acc_t* __restrict__ var_out) {
+  constexpr int P = K / 2;
+  GHOST_DYNAMIC_SMEM(acc_t, s);
+  const Tile t = tile_of(g, cfg);
+  const int W = static_cast<int>(g.W), CS = W + 2 * P, PS = (t.th + 2 * P) * CS;
+  const int per_plane = t.th * W, total = t.tp * per_plane;
+  const int osN = static_cast<int>(g.osN), osH = static_cast<int>(g.osH);
+  const acc_t m = stat0[t.c];
+  acc_t is;
+  if (training) {
+    is = stat1[t.c];
+  } else {
+    is = invstd_of(stat1[t.c], eps);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      mean_out[t.c] = m;
+      invstd_out[t.c] = is;
+      var_out[t.c] = stat1[t.c];
+    }
+  }
+  scalar_t* oid = out + t.n0 * osN + t.c * static_cast<int>(g.osC) + t.h0 * osH;
+  if (t.c >= g.NY) {  // block-uniform: no cheap output for this channel (eval only reaches here)
+    const scalar_t* xc = x + t.n0 * static_cast<int>(g.xsN) + t.c * static_cast<int>(g.xsC) + t.h0 * static_cast<int>(g.xsH);
+    for (int q = threadIdx.x; q < total; q += kTileThreads) {
+      const Out o = out_of(q, per_plane, W);
+      oid[o.p * osN + o.hl * osH + o.w] = xc[o.p * static_cast<int>(g.xsN) + o.hl * static_cast<int>(g.xsH) + o.w];
+    }
+    return;
+  }
+  acc_t wr[K * K];
+  load_taps<K>(w, t.c, wr);
+  acc_t scale, shift;
+  bn_fold(m, is, gamma[t.c], beta[t.c], scale, shift);
+  stage_tile(g, t, P, x, s);
+  __syncthreads();
+  scalar_t* ocheap = oid + g.C * static_cast<int>(g.osC);
+  for (int q = threadIdx.x; q < total; q += kTileThreads) {
+    const Out o = out_of(q, per_plane, W);
+    const acc_t* sp = s + o.p * PS + o.hl * CS + o.w;
+    const int off = o.p * osN + o.hl * osH + o.w;
+    ocheap[off] = static_cast<scalar_t>(bn_act(window<K>(sp, CS, wr), scale, shift, relu));
+    if (!training) oid[off] = static_cast<scalar_t>(sp[P * CS + P]);
+  }
+}
+
+// Backward, pass 1: partials of sum(g) and sum(g * yhat) per (channel < NY, tile):
+// part[{0, 1}][c * G + tile]. grid.y = NY.
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kTileThreads) tiled_bwd_reduce_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ gout,
+                                                                        const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
+                                                                        const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                                                        const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                                                                        bool relu, acc_t* __restrict__ part) {
+  constexpr int P = K / 2;
+  GHOST_DYNAMIC_SMEM(acc_t, s);
+  __shared__ acc_t red[2 * kTileWarps];
+  const Tile t = tile_of(g, cfg);
+  const int W = static_cast<int>(g.W), CS = W + 2 * P, PS = (t.th + 2 * P) * CS;
+  const int per_plane = t.th * W, total = t.tp * per_plane;
+  const int osN = static_cast<int>(g.osN), osH = static_cast<int>(g.osH);
+  acc_t wr[K * K];
+  load_taps<K>(w, t.c, wr);
+  const acc_t m = mean[t.c], is = invstd[t.c];
+  acc_t scale, shift;
+  bn_fold(m, is, gamma[t.c], beta[t.c], scale, shift);
+  stage_tile(g, t, P, x, s);
+  __syncthreads();
+  const scalar_t* gc = gout + t.n0 * osN + (g.C + t.c) * static_cast<int>(g.osC) + t.h0 * osH;
+  acc_t v[2] = {acc_t(0), acc_t(0)};
+  for (int q = threadIdx.x; q < total; q += kTileThreads) {
+    const Out o = out_of(q, per_plane, W);
+    const acc_t y = window<K>(s + o.p * PS + o.hl * CS + o.w, CS, wr);
+    const acc_t gm = act_grad(static_cast<acc_t>(gc[o.p * osN + o.hl * osH + o.w]), y, scale, shift, relu);
+    v[0] += gm;
+    v[1] += gm * ((y - m) * is);
+  }
+  const acc_t r = block_sums<2>(v, red);
+  if (threadIdx.x < 2) part[threadIdx.x * g.NY * cfg.G + static_cast<int64_t>(t.c) * cfg.G + blockIdx.x] = r;
+}
+
+// Backward, pass 2: grad_x for every channel, and per-tap partials of grad_w for channels < NY in
+// part[(c * K*K + tap) * G + tile]. The BN gradient dy is computed on the tile plus a K/2 halo into
+// shared memory (from x staged with a K-1 halo), so it never goes to device memory. grid.y = C.
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kTileThreads) tiled_bwd_dx_dw_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ gout,
+                                                                       const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
+                                                                       const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
+                                                                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                                                                       const acc_t* __restrict__ sum_g, const acc_t* __restrict__ sum_gy,
+                                                                       bool training, bool relu, scalar_t* __restrict__ grad_x,
+                                                                       acc_t* __restrict__ part) {
+  constexpr int P = K / 2, KK = K * K;
+  GHOST_DYNAMIC_SMEM(acc_t, s);
+  __shared__ acc_t red[KK * kTileWarps];
+  const Tile t = tile_of(g, cfg);
+  const int H = static_cast<int>(g.H), W = static_cast<int>(g.W);
+  const int per_plane = t.th * W, total = t.tp * per_plane;
+  const int osN = static_cast<int>(g.osN), osC = static_cast<int>(g.osC), osH = static_cast<int>(g.osH);
+  const int xsN = static_cast<int>(g.xsN), xsH = static_cast<int>(g.xsH);
+  const scalar_t* gid = gout + t.n0 * osN + t.c * osC + t.h0 * osH;
+  scalar_t* gx = grad_x + t.n0 * xsN + t.c * static_cast<int>(g.xsC) + t.h0 * xsH;
+  if (t.c >= g.NY) {  // block-uniform: grad_x = grad_out's identity half
+    for (int q = threadIdx.x; q < total; q += kTileThreads) {
+      const Out o = out_of(q, per_plane, W);
+      gx[o.p * xsN + o.hl * xsH + o.w] = gid[o.p * osN + o.hl * osH + o.w];
+    }
+    return;
+  }
+  // x with a 2P halo, then dy with a P halo
+  const int XCS = W + 4 * P, XPS = (t.th + 4 * P) * XCS;
+  const int DCS = W + 2 * P, DPS = (t.th + 2 * P) * DCS;
+  acc_t* xs = s;
+  acc_t* ds = s + t.tp * XPS;
+  acc_t wr[KK];
+  load_taps<K>(w, t.c, wr);
+  const acc_t m = mean[t.c], is = invstd[t.c], gm = gamma[t.c];
+  acc_t scale, shift;
+  bn_fold(m, is, gm, beta[t.c], scale, shift);
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(g.NHW);
+  const acc_t mean_g = sum_g[t.c] * inv_count, mean_gy = sum_gy[t.c] * inv_count;
+  stage_tile(g, t, 2 * P, x, xs);
+  __syncthreads();
+  const scalar_t* gc = gout + t.n0 * osN + (g.C + t.c) * osC;
+  for (int e = threadIdx.x; e < t.tp * DPS; e += kTileThreads) {
+    const int p = e / DPS, rem = e - p * DPS, r = rem / DCS, col = rem - r * DCS;
+    const int h = t.h0 - P + r, ww = col - P;
+    acc_t d = acc_t(0);
+    if (h >= 0 && h < H && ww >= 0 && ww < W) {
+      const acc_t y = window<K>(xs + p * XPS + r * XCS + col, XCS, wr);
+      const acc_t go = static_cast<acc_t>(gc[p * osN + h * osH + ww]);
+      d = bn_dy(act_grad(go, y, scale, shift, relu), y, m, is, gm, mean_g, mean_gy, training);
+    }
+    ds[e] = d;
+  }
+  __syncthreads();
+  acc_t tap[KK];
+#pragma unroll
+  for (int i = 0; i < KK; ++i) tap[i] = acc_t(0);
+  for (int q = threadIdx.x; q < total; q += kTileThreads) {
+    const Out o = out_of(q, per_plane, W);
+    const acc_t* dp = ds + o.p * DPS + o.hl * DCS + o.w;          // dy rows h - P .. h + P
+    const acc_t* xp = xs + o.p * XPS + (o.hl + P) * XCS + o.w + P;  // x rows h - P .. h + P
+    const acc_t d = dp[P * DCS + P];
+    acc_t v = static_cast<acc_t>(gid[o.p * osN + o.hl * osH + o.w]);
+#pragma unroll
+    for (int a = 0; a < K; ++a)
+#pragma unroll
+      for (int b = 0; b < K; ++b) {
+        v += wr[a * K + b] * dp[(2 * P - a) * DCS + (2 * P - b)];
+        tap[a * K + b] += d * xp[a * XCS + b];
+      }
+    gx[o.p * xsN + o.hl * xsH + o.w] = static_cast<scalar_t>(v);
+  }
+  const acc_t r = block_sums<KK>(tap, red);
+  if (static_cast<int>(threadIdx.x) < KK) part[(static_cast<int64_t>(t.c) * KK + threadIdx.x) * cfg.G + blockIdx.x] = r;
+}
+
+// Calls f(std::integral_constant<int, K>) for the kernel sizes the tiled kernels are built for.
+template <typename F>
+void with_k(int K, F&& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 7>{}); break;  // make_cfg tiles only k in {1, 3, 5, 7}
+  }
+}
+
 inline dim3 grid_of(const LaunchCfg& cfg, int64_t channels) {
   return dim3(static_cast<unsigned>(cfg.G), static_cast<unsigned>((channels + cfg.bx - 1) / cfg.bx));
 }
@@ -381,42 +717,80 @@ cudaError_t launch_forward(const Geom& g, const LaunchCfg& cfg, const scalar_t* 
                            const acc_t* gamma, const acc_t* beta, const acc_t* running_mean,
                            const acc_t* running_var, bool training, acc_t eps, bool relu, scalar_t* out,
                            acc_t* mean, acc_t* invstd, acc_t* var, acc_t* workspace, cudaStream_t stream) {
+  if (cfg.tiled) {  // training: stats -> finalize -> apply; eval: apply
+    const auto G = static_cast<unsigned>(cfg.G);
+    with_k(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      if (training) {
+        launch(&tiled_fwd_stats_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.C)), kTileThreads,
+               cfg.smem_fwd, stream, g, cfg, x, w, out, workspace);
+        launch(&fwd_finalize_kernel<acc_t>, static_cast<unsigned>(g.C), kThreads, 0, stream, g.C, cfg.G, workspace, eps,
+               mean, invstd, var);
+        if (g.NY > 0)
+          launch(&tiled_fwd_apply_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.NY)), kTileThreads,
+                 cfg.smem_fwd, stream, g, cfg, x, w, true, mean, invstd, eps, gamma, beta, relu, out, nullptr, nullptr,
+                 nullptr);
+      } else {
+        launch(&tiled_fwd_apply_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.C)), kTileThreads,
+               cfg.smem_fwd, stream, g, cfg, x, w, false, running_mean, running_var, eps, gamma, beta, relu, out, mean,
+               invstd, var);
+      }
+    });
+    return cudaGetLastError();
+  }
   const dim3 block(cfg.bx, cfg.by);
   if (training) {
-    fwd_stats_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(g, cfg.iters, cfg.G, x, w, workspace);
-    fwd_finalize_kernel<acc_t><<<static_cast<unsigned>(g.C), kThreads, 0, stream>>>(g.C, cfg.G, workspace, eps, mean, invstd, var);
-    fwd_apply_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(
+    launch(&fwd_stats_kernel<scalar_t, acc_t>, grid_of(cfg, g.C), block, 0, stream, g, cfg.iters, cfg.G, x, w, workspace);
+    launch(&fwd_finalize_kernel<acc_t>, static_cast<unsigned>(g.C), kThreads, 0, stream, g.C, cfg.G, workspace, eps, mean, invstd, var);
+    launch(&fwd_apply_kernel<scalar_t, acc_t>, grid_of(cfg, g.C), block, 0, stream, 
         g, cfg.iters, x, w, true, mean, invstd, eps, gamma, beta, relu, out, nullptr, nullptr, nullptr);
   } else {
-    fwd_apply_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(
+    launch(&fwd_apply_kernel<scalar_t, acc_t>, grid_of(cfg, g.C), block, 0, stream, 
         g, cfg.iters, x, w, false, running_mean, running_var, eps, gamma, beta, relu, out, mean, invstd, var);
   }
   return cudaGetLastError();
 }
 
-// Five launches, no fills: grad_bn_bias / grad_bn_weight / grad_w rows of channels >= NY are
-// zeroed by sum_rows_kernel itself.
+// No fills: grad_bn_bias / grad_bn_weight / grad_w rows of channels >= NY are zeroed by
+// sum_rows_kernel itself. Tiled: four launches, no dy workspace; generic: five.
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_backward(const Geom& g, const LaunchCfg& cfg, const scalar_t* gout, const scalar_t* x,
                             const acc_t* w, const acc_t* gamma, const acc_t* beta, const acc_t* mean,
                             const acc_t* invstd, bool training, bool relu, scalar_t* grad_x, acc_t* grad_w,
                             acc_t* grad_gamma, acc_t* grad_beta, acc_t* dy, acc_t* workspace, cudaStream_t stream) {
-  const dim3 block(cfg.bx, cfg.by);
   const int64_t KK = static_cast<int64_t>(g.K) * g.K;
+  if (cfg.tiled) {  // reduce -> sums -> dx/dw (dy recomputed in shared memory) -> grad_w sums
+    const auto G = static_cast<unsigned>(cfg.G);
+    with_k(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      if (g.NY > 0)
+        launch(&tiled_bwd_reduce_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.NY)), kTileThreads,
+               cfg.smem_fwd, stream, g, cfg, gout, x, w, mean, invstd, gamma, beta, relu, workspace);
+      launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C), 2), kThreads, 0, stream, cfg.G, g.NY, workspace,
+             g.NY * cfg.G, grad_beta, grad_gamma);
+      launch(&tiled_bwd_dx_dw_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.C)), kTileThreads,
+             cfg.smem_bwd, stream, g, cfg, gout, x, w, mean, invstd, gamma, beta, grad_beta, grad_gamma, training, relu,
+             grad_x, workspace);
+    });
+    launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C * KK), 1), kThreads, 0, stream, cfg.G, g.NY * KK,
+           workspace, 0, grad_w, nullptr);
+    return cudaGetLastError();
+  }
+  const dim3 block(cfg.bx, cfg.by);
   if (g.NY > 0) {
-    bwd_reduce_kernel<scalar_t, acc_t><<<grid_of(cfg, g.NY), block, 0, stream>>>(g, cfg.iters, cfg.G, gout, x, w, mean,
+    launch(&bwd_reduce_kernel<scalar_t, acc_t>, grid_of(cfg, g.NY), block, 0, stream, g, cfg.iters, cfg.G, gout, x, w, mean,
                                                                                 invstd, gamma, beta, relu, workspace);
   }
   // grad_beta[c] = sum g (row set 0), grad_gamma[c] = sum g*yhat (row set 1); zeros for c >= NY
-  sum_rows_kernel<acc_t><<<dim3(static_cast<unsigned>(g.C), 2), kThreads, 0, stream>>>(
+  launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C), 2), kThreads, 0, stream, 
       cfg.G, g.NY, workspace, g.NY * cfg.G, grad_beta, grad_gamma);
   if (g.NY > 0) {
-    bwd_dy_kernel<scalar_t, acc_t><<<grid_of(cfg, g.NY), block, 0, stream>>>(g, cfg.iters, gout, x, w, mean, invstd, gamma,
+    launch(&bwd_dy_kernel<scalar_t, acc_t>, grid_of(cfg, g.NY), block, 0, stream, g, cfg.iters, gout, x, w, mean, invstd, gamma,
                                                                             beta, grad_beta, grad_gamma, training, relu, dy);
   }
-  bwd_dx_dw_kernel<scalar_t, acc_t><<<grid_of(cfg, g.C), block, 0, stream>>>(g, cfg.iters, cfg.G, gout, x, w, dy, grad_x,
+  launch(&bwd_dx_dw_kernel<scalar_t, acc_t>, grid_of(cfg, g.C), block, 0, stream, g, cfg.iters, cfg.G, gout, x, w, dy, grad_x,
                                                                              workspace);
-  sum_rows_kernel<acc_t><<<dim3(static_cast<unsigned>(g.C * KK), 1), kThreads, 0, stream>>>(
+  launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C * KK), 1), kThreads, 0, stream, 
       cfg.G, g.NY * KK, workspace, 0, grad_w, nullptr);
   return cudaGetLastError();
 }

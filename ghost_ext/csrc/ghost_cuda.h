@@ -2,25 +2,81 @@
 // and the kernels (ghost_cuda.cu, compiled by nvcc without ATen headers, to keep nvcc quick).
 #pragma once
 
+#if !defined(GHOST_CUDA_EMULATE)
 #include <cuda_runtime_api.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
 
 #include "ghost_math.h"
 
 namespace ghost {
 
-// Launch shape shared by every per-element kernel. A block is (bx, by) = 256 threads: bx lanes
-// over channels, by over pixels (p = n*HW + h*W + w). NCHW uses bx = 1, so a warp reads 32
-// consecutive pixels of one plane; channels_last uses bx = up to 32 channels, so a warp reads
-// consecutive channels of a pixel. Either way the warp's loads are coalesced. Each block covers
-// `iters` pixels per thread: grid.x = G chunks of by*iters pixels, grid.y = channel groups.
+// Two kernel families.
+//
+// Tiled (NCHW input, k in {1, 3, 5, 7}, sizes that fit 32-bit offsets): a block of 256 threads owns one
+// channel c and a tile of `tp` consecutive planes (n) x `th` rows x all W columns; it stages the tile
+// and its zero-padded halo in shared memory (one coalesced read of x per pass), then computes every
+// k x k tap from shared memory with k a template parameter (weights in registers, no bounds checks).
+// Small maps pack several planes into a tile, so an 8x8 layer still fills the GPU. grid = (G tiles per
+// channel, channels). The backward recomputes the BN gradient dy on the tile and its halo in shared
+// memory instead of storing it: one launch and two passes over a float tensor fewer.
+//
+// Generic (channels_last, or anything the tiled kernels do not take): a block is (bx, by) = 256
+// threads, bx lanes over channels, by over pixels (p = n*HW + h*W + w). NCHW uses bx = 1 (a warp reads
+// 32 consecutive pixels of a plane); channels_last uses bx up to 32 (a warp reads consecutive channels
+// of a pixel). Each thread covers `iters` pixels: grid.x = G chunks of by*iters pixels, grid.y =
+// channel groups. The halo is read through L1.
+//
+// Either way every per-channel reduction leaves one partial per (channel, tile or chunk) in a row of
+// length G, combined in a fixed order by a second kernel: no atomics, bitwise reproducible results.
 struct LaunchCfg {
-  int bx, by, iters;
-  int64_t G;        // pixel chunks (the length of every per-channel partial-result row)
-  int64_t groups;   // ceil(C / bx)
+  bool tiled;
+  int bx, by, iters;  // generic kernels
+  int th, tp;         // tiled kernels: rows per tile, planes per tile
+  int64_t bands;      // tiled: tiles down a plane (ceil(H / th))
+  int64_t G;          // tiles (tiled) or pixel chunks (generic) per channel: the length of every partial row
+  int64_t groups;     // generic: ceil(C / bx)
+  int64_t smem_fwd, smem_bwd;  // tiled: dynamic shared memory bytes of the forward and backward kernels
 };
 
-inline LaunchCfg make_cfg(const Geom& g, bool channels_last) {
-  LaunchCfg c;
+constexpr int kTileThreads = 256;
+constexpr int64_t kTileSmemLimit = 44 * 1024;  // under the 48 KB default per-block limit (no opt-in), leaving room for static smem
+
+inline int64_t tile_smem_forward(int64_t tp, int64_t th, int64_t W, int P, int64_t acc_bytes) {
+  return tp * (th + 2 * P) * (W + 2 * P) * acc_bytes;
+}
+inline int64_t tile_smem_backward(int64_t tp, int64_t th, int64_t W, int P, int64_t acc_bytes) {
+  return tp * ((th + 4 * P) * (W + 4 * P) + (th + 2 * P) * (W + 2 * P)) * acc_bytes;  // x + 2P halo, dy + P halo
+}
+
+inline LaunchCfg make_cfg(const Geom& g, bool channels_last, int64_t acc_bytes, bool allow_tiled = true) {
+  LaunchCfg c{};
+  const bool k_ok = g.K == 1 || g.K == 3 || g.K == 5 || g.K == 7;
+  const bool fits32 = g.N * (g.C + g.OC) * g.HW < (int64_t(1) << 31) && g.C <= 65535;
+  if (allow_tiled && !channels_last && k_ok && fits32 && g.NHW > 0) {
+    // Outputs per tile: 2048 (8 per thread), halved while the grid would have under 1024 blocks
+    // (about 8 per SM of an H100), down to 256.
+    for (int64_t target = 2048; target >= 256; target /= 2) {
+      const int64_t th = std::min<int64_t>(g.H, std::max<int64_t>(1, target / g.W));
+      const int64_t tp = th == g.H ? std::min<int64_t>(g.N, std::max<int64_t>(1, target / (g.H * g.W))) : 1;
+      const int64_t bands = (g.H + th - 1) / th;
+      const int64_t G = (g.N + tp - 1) / tp * bands;
+      const int64_t sf = tile_smem_forward(tp, th, g.W, g.P, acc_bytes);
+      const int64_t sb = tile_smem_backward(tp, th, g.W, g.P, acc_bytes);
+      if (sb > kTileSmemLimit || G > 0x7fffffff) continue;
+      c.tiled = true;
+      c.th = static_cast<int>(th);
+      c.tp = static_cast<int>(tp);
+      c.bands = bands;
+      c.G = G;
+      c.smem_fwd = sf;
+      c.smem_bwd = sb;
+      if (G * g.C >= 1024) break;
+    }
+    if (c.tiled) return c;
+  }
   c.bx = 1;
   if (channels_last) {
     while (c.bx < 32 && c.bx < g.C) c.bx *= 2;

@@ -127,4 +127,17 @@ GHOST_HD Moments<acc_t> moments_merge(Moments<acc_t> a, Moments<acc_t> b) {
   return r;
 }
 
+// Exact two-pass moments of the first cnt (>= 1) of M register values whose sum is `sum`: the GPU
+// kernels take their per-thread statistics in such batches and Chan-merge them (moments_merge).
+template <int M, typename acc_t>
+GHOST_HD Moments<acc_t> batch_moments(const acc_t (&v)[M], int cnt, acc_t sum) {
+  Moments<acc_t> b;
+  b.n = acc_t(cnt);
+  b.mean = sum / acc_t(cnt);
+  b.m2 = acc_t(0);
+  for (int j = 0; j < M; ++j)
+    if (j < cnt) b.m2 += (v[j] - b.mean) * (v[j] - b.mean);
+  return b;
+}
+
 }  // namespace ghost

@@ -1,0 +1,119 @@
+"""The CUDA kernels, run on the CPU through the emulator in ghost_ext/csrc/cuda_emu.h.
+
+CI builds the CUDA kernels but has no GPU to run them on; this test compiles ghost_cuda.cu and its
+host code ghost_cuda_host.cpp for the emulator (one OS thread per CUDA thread, real barriers, warp
+shuffles by exchange) and compares them with the extension's CPU kernels, in float64 to 1e-10 and
+in the half types as autocast hands them over. Every output buffer starts as NaN, so an element the
+kernels never write fails the comparison. The build (about 30 s) is cached by torch under
+$TORCH_EXTENSIONS_DIR.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import ghost_ext
+from test_op import make_inputs  # noqa: E402 (tests/ is on sys.path under pytest)
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not ghost_ext.has_extension(), reason="ghost_ext._C is not built (the oracle)")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    os.environ.setdefault("MAX_JOBS", "2")
+    return load(name="ghost_cuda_emu", sources=[str(REPO / "tests" / "cuda_emu" / "emu_module.cpp")],
+                extra_cflags=["-O2", "-pthread"], extra_ldflags=["-pthread"], verbose=False)
+
+
+def inputs(n, c, h, w, k, dtype, channels_last, seed):
+    return make_inputs(n, c, h, w, k, dtype, "cpu", channels_last, seed)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert not torch.isnan(a).any(), "an output element was never written (NaN poison) or is NaN"
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def check(emu, shape, dtype, channels_last, training, relu, seed=0, tol=1e-10):
+    n, c, h, w, k, oc = shape
+    x, weight, bn_w, bn_b, rm, rv = inputs(n, c, h, w, k, dtype, channels_last, seed)
+    cpu = torch.ops.ghost_ext.ghost_concat.default
+    want = cpu(x, weight, bn_w, bn_b, rm, rv, training, 1e-5, relu, oc)
+    got = emu.forward(x, weight, bn_w, bn_b, rm, rv, training, 1e-5, relu, oc)
+    names = ("out", "mean", "invstd", "var")
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel(a, b) < tol, f"forward {name}: {rel(a, b):.3g}"
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    gout = torch.randn(n, oc, h, w, generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+    if channels_last:
+        gout = gout.contiguous(memory_format=torch.channels_last)
+    mean, invstd = want[1], want[2]
+    bwd = torch.ops.ghost_ext.ghost_concat_backward.default
+    want_b = bwd(gout, x, weight, bn_w, bn_b, mean, invstd, training, relu, oc)
+    got_b = emu.backward(gout, x, weight, bn_w, bn_b, mean, invstd, training, relu, oc)
+    for name, a, b in zip(("grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias"), got_b, want_b):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        # grad of a k=1 weight under batch-statistics BN is analytically ~0: compare to the scale of x
+        e = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), 1e-3 * b.numel() ** 0.5)
+        assert not torch.isnan(a).any(), f"{name}: an element was never written (NaN poison)"
+        assert e < tol, f"backward {name}: {e:.3g}"
+
+
+SHAPES = [  # (N, C, H, W, k, out_channels)
+    (2, 4, 6, 6, 3, 8),
+    (3, 5, 7, 4, 3, 9),      # odd out_channels, non-square
+    (2, 6, 5, 5, 1, 7),      # k = 1
+    (2, 3, 9, 8, 5, 5),      # k = 5, a narrow cheap half
+    (1, 4, 5, 7, 7, 6),      # N = 1, k = 7 (the largest the CUDA kernels take)
+    (4, 6, 1, 1, 3, 12),     # 1x1 maps
+    (2, 8, 3, 5, 3, 8),      # out_channels == C: no cheap branch at all
+    (3, 40, 37, 41, 3, 80),  # several pixel chunks and channel groups (the partial-sum paths)
+    (2, 3, 70, 40, 3, 6),    # tiled: several bands down a plane, the last one short
+    (5, 4, 8, 8, 5, 8),      # tiled: several planes per tile, the last group short
+    (2, 2, 3, 300, 3, 3),    # tiled: a row wider than the block, one row per tile
+]
+
+
+def test_launch_config(emu):
+    """NCHW takes the tiled kernels (with the tiles the shapes above are meant to exercise), channels_last
+    and k = 9 the generic ones; the tiled backward's shared memory stays under the default 48 KB."""
+    cfg = lambda shape, cl=False, dtype=torch.float64: emu.launch_config(  # noqa: E731
+        inputs(*shape[:5], dtype, cl, 0)[0], shape[4], shape[5])
+    assert cfg(SHAPES[8])["tiled"] and cfg(SHAPES[8])["bands"] > 1 and 70 % cfg(SHAPES[8])["th"] != 0
+    c = cfg(SHAPES[9])
+    assert c["tiled"] and c["th"] == 8 and 1 < c["tp"] < 5 and 5 % c["tp"] != 0
+    assert cfg(SHAPES[10])["tiled"] and cfg(SHAPES[10])["th"] == 1
+    assert not cfg(SHAPES[0], cl=True)["tiled"]
+    assert not cfg((2, 4, 12, 12, 9, 8))["tiled"]
+    for n, c, hw in [(64, 8, 114), (64, 80, 8), (256, 24, 114), (1, 3, 2000)]:
+        for k in (1, 3, 5, 7):
+            for dtype in (torch.float32, torch.float64):
+                d = cfg((n, c, hw, hw, k, 2 * c), dtype=dtype)
+                assert not d["tiled"] or d["smem_bwd"] <= 44 * 1024, (n, c, hw, k, dtype, d)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_cuda_kernels_float64(emu, shape, channels_last, training):
+    check(emu, shape, torch.float64, channels_last, training, relu=True, seed=sum(shape))
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[7]], ids=["small", "chunks"])
+def test_emulated_cuda_kernels_no_relu(emu, shape):
+    check(emu, shape, torch.float64, False, True, relu=False, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_emulated_cuda_kernels_low_precision(emu, dtype, channels_last):
+    """Half types against the CPU kernels on the same inputs (both accumulate in float32); the output
+    rounding of the half type sets the bar."""
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    check(emu, (3, 12, 19, 23, 3, 24), dtype, channels_last, True, True, seed=11, tol=tol)
