@@ -331,6 +331,22 @@ def _dur(s) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+LADDER_BASE = {"b_c3_smooth_norm": "a_c1_plain", "c_c7_augment": "b_c3_smooth_norm", "d_c50_best": "c_c7_augment",
+               "e_c50_plateau": "d_c50_best"}
+
+
+def _effect(r: dict, rows: list[dict], sd: float | None) -> str:
+    """The ladder step's change in test top-1 (points) against the step it builds on, labelled."""
+    if r["name"].startswith("f_"):
+        return "repeat of (d)"
+    base = next((b for b in rows if b["name"] == LADDER_BASE.get(r["name"])), None)
+    if base is None or r.get("test_top1") is None or base.get("test_top1") is None:
+        return "–"
+    d = 100 * (r["test_top1"] - base["test_top1"])
+    word = "within noise" if sd is not None and abs(d) < 2 * sd else ("helps" if d > 0 else "hurts")
+    return f"{d:+.2f} ({word})"
+
+
 def _sec(s) -> str:
     return "–" if s is None else f"{s:.1f} s"
 
@@ -392,21 +408,25 @@ def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -
          "epoch (training + validation) from metrics.csv, which other jobs on the machine disturb less than the "
          "total", "",
          "## Ablation ladder (GhostNet)", "",
-         "| step | study | experiment | change | epochs run (best) | val top-1 % | test top-1 % | test top-5 % "
-         "| train wall | s/epoch | eval wall |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| step | study | experiment | change | epochs run (best) | val top-1 % | test top-1 % | effect "
+         "| test top-5 % | train wall | s/epoch | eval wall |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    seeds = [r for r in rows if r["name"].startswith(("d_c50_best", "f_c50_best")) and r.get("test_top1") is not None]
+    sd = statistics.stdev(100 * r["test_top1"] for r in seeds) if len(seeds) >= 2 else None
     for r in rows:
         if "ladder" in r["groups"]:
             L.append(f"| {r['step']} | {r['study']} | `{r['name']}`{_status(r)} | {r['what']} | "
                      f"{r.get('epochs_run') or '–'} ({r.get('best_epoch') or '–'}) | {_pct(r.get('val_top1'))} | "
-                     f"{_pct(r.get('test_top1'))} | {_pct(r.get('test_top5'))} | {_dur(r.get('train_wall_s'))} | "
-                     f"{_sec(r.get('epoch_s_median'))} | {_dur(r.get('eval_wall_s'))} |")
-    seeds = [r for r in rows if r["name"].startswith(("d_c50_best", "f_c50_best")) and r.get("test_top1") is not None]
+                     f"{_pct(r.get('test_top1'))} | {_effect(r, rows, sd)} | {_pct(r.get('test_top5'))} | "
+                     f"{_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} | {_dur(r.get('eval_wall_s'))} |")
     if len(seeds) >= 2:
         t1 = [100 * r["test_top1"] for r in seeds]
         t5 = [100 * r["test_top5"] for r in seeds]
         L.append(f"| (d)+(f) | C-50 | mean ± sd over {len(seeds)} seeds | | | | {statistics.mean(t1):.2f} ± "
-                 f"{statistics.stdev(t1):.2f} | {statistics.mean(t5):.2f} ± {statistics.stdev(t5):.2f} | | | |")
+                 f"{statistics.stdev(t1):.2f} | | {statistics.mean(t5):.2f} ± {statistics.stdev(t5):.2f} | | | |")
+        L += ["", f"effect: the change in test top-1 against the step it builds on ((b) on (a), (c) on (b), (d) on (c), "
+                  f"(e) on (d)); 'within noise' when it is under twice the seed spread of (d)+(f) "
+                  f"(sd {sd:.2f} points)."]
     L += ["", "## Architectures at the best recipe (C-50 flags)", "",
           "| model | test top-1 % | test top-5 % | params (M) | MMACs | CPU ms (b1) | epochs run (best) "
           "| train wall | s/epoch | train img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
