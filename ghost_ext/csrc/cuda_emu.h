@@ -68,9 +68,9 @@ struct Launch {
 };
 inline Launch* current = nullptr;
 
-inline void set_thread(const Launch& L, int t) {
-  threadIdx = uint3{t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
-  (void)L;
+inline void set_thread(int t) {
+  const unsigned u = static_cast<unsigned>(t);
+  threadIdx = uint3{u % blockDim.x, (u / blockDim.x) % blockDim.y, u / (blockDim.x * blockDim.y)};
 }
 
 inline void fiber_entry() {
@@ -124,7 +124,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
             Fiber& f = L.fibers[t];
             if (f.done || f.wait_group >= 0) continue;
             L.running = t;
-            set_thread(L, t);
+            set_thread(t);
             swapcontext(&L.scheduler, &f.ctx);
             ran = true;
           }
