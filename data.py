@@ -696,12 +696,14 @@ class BatchLoader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"BatchLoader: rank {rank} must lie in [0, world_size={world_size})")
         self.decoded, self.batch_size, self.shuffle, self.drop_last = decoded, batch_size, shuffle, drop_last
-        self.device, self.seed, self.epoch = torch.device(device), seed, 0
+        self.device, self.seed, self.epoch, self.start_batch = torch.device(device), seed, 0, 0
         self.rank, self.world_size = rank, world_size
         self.pin = self.device.type == "cuda"
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """start_batch > 0 skips the epoch's first batches: the rest of the same order, for a run that
+        resumes inside an epoch. len() stays the whole epoch's."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _shard_size(self) -> int:
         n, w = len(self.decoded), self.world_size
@@ -742,7 +744,7 @@ class BatchLoader:
         order = self._order()
         bs, n = self.batch_size, len(order)
         stops = range(0, (n // bs) * bs if self.drop_last else n, bs)
-        batches = [order[s:s + bs] for s in stops]
+        batches = [order[s:s + bs] for s in stops][self.start_batch:]
         if not batches:
             return
         with ThreadPoolExecutor(1) as ex:

@@ -223,11 +223,14 @@ def metrics_from(probs: torch.Tensor, labels: torch.Tensor, class_names: list[st
 
 
 def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: torch.Tensor,
-                  class_names: list[str]) -> list[Path]:
-    """predictions.csv, confusion.csv and (with matplotlib) confusion.png in out_dir."""
+                  class_names: list[str], split: str = "test") -> list[Path]:
+    """predictions.csv, confusion.csv and (with matplotlib) confusion.png in out_dir for the test
+    split; other splits add their name (predictions_val.csv, ...), so evaluating the hold-out after
+    the test set, or before it, never overwrites the other's files."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if split == "test" else f"_{split}"
     written = []
-    p = out_dir / "predictions.csv"
+    p = out_dir / f"predictions{suffix}.csv"
     with open(p, "w", newline="") as f:
         w = csv.writer(f)
         # true_probability and true_rank are extra: they let top-5 and the loss be recounted from this file
@@ -236,7 +239,7 @@ def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: 
             w.writerow([path, class_names[labels[i]], class_names[res["pred"][i]], f"{res['pred_p'][i].item():.6f}",
                         f"{res['true_p'][i].item():.6g}", int(res["rank"][i])])
     written.append(p)
-    p = out_dir / "confusion.csv"
+    p = out_dir / f"confusion{suffix}.csv"
     conf = res["confusion"]
     with open(p, "w", newline="") as f:
         w = csv.writer(f)
@@ -260,10 +263,10 @@ def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: 
         ax.set_yticks(range(k), class_names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion (row-normalised), top-1 {res['top1']:.2%}")
+    ax.set_title(f"confusion on {split} (row-normalised), top-1 {res['top1']:.2%}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    p = out_dir / "confusion.png"
+    p = out_dir / f"confusion{suffix}.png"
     fig.savefig(p, dpi=100)
     plt.close(fig)
     written.append(p)
@@ -308,7 +311,7 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
         except ValueError:
             files.append(str(p))
     out_dir = out_dir or ckpt_path.parent
-    written = write_outputs(out_dir, res, files, labels, class_names)
+    written = write_outputs(out_dir, res, files, labels, class_names, split)
     summary = {k: v for k, v in res.items() if k not in ("confusion", "pred", "rank", "true_p", "pred_p")}
     summary.update(checkpoint=str(ckpt_path), arch=ckpt["arch"], data=str(spec.root), split=split, tta=tta,
                    val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
@@ -406,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     ap.add_argument("--json", type=Path, help="also write all figures to this JSON file")
     ap.add_argument("--out-dir", type=Path,
-                    help="where predictions.csv / confusion.* go (default: next to the checkpoint)")
+                    help="where predictions.csv / confusion.* go (default: next to the checkpoint; "
+                         "splits other than test add _<split> to the names)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda (evaluation; efficiency covers CPU and CUDA)")
     ap.add_argument("--cache-dir", help="decode cache folder (default: the checkpoint's)")

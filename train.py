@@ -48,8 +48,9 @@ METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"
 TIMING_FIELDS = ("seconds", "img_per_s")
 # Options that may differ on --resume (given explicitly on the command line); everything else comes from
 # the run's saved config so that the resumed run is the same run.
-RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "threads", "device", "compile", "cache_dir", "max_steps")
-NOT_INHERITED = ("debug_step_sleep", "debug_nan_step")  # debugging aids apply to one invocation only
+RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "threads", "device", "compile", "cache_dir")
+# debugging aids and the smoke-run step limit apply to one invocation only
+NOT_INHERITED = ("debug_step_sleep", "debug_nan_step", "max_steps")
 # --demo's settings (any flag given explicitly still wins): small images, a short schedule, mild
 # regularisation, so the synthetic set is learned in about a minute on two CPU cores.
 # One CPU thread: 64-px batches of 16 gain little from a second one, and one thread stays fast on a CPU
@@ -102,7 +103,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None, help="image decoding processes (default: CPU count)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core; the demo uses 1)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke runs)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps in all (smoke runs); a stop inside an epoch saves "
+                        "last.pt there, and --resume continues exactly from that step")
 
     g = p.add_argument_group("several GPUs or machines (launch with torchrun; see README)")
     g.add_argument("--sync-bn", action="store_true",
@@ -578,8 +581,13 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     start_epoch, step = 0, 0
     best = {"val_acc": -1.0, "epoch": 0, "min_val_loss": math.inf, "min_val_loss_epoch": 0}
     bad_epochs = 0
+    partial = None  # where inside an epoch a --max-steps stop saved last.pt (the next epoch's progress)
     if resume_ckpt is not None:
         run_dir = Path(args.resume)
+        partial = resume_ckpt.get("partial")
+        if partial is not None and ddp:
+            raise TrainError(f"{run_dir / 'last.pt'} ends inside epoch {partial['epoch']} (a --max-steps stop of a "
+                             f"one-process run); resume it without torchrun until that epoch completes")
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         if scheduler is not None and resume_ckpt.get("scheduler") is not None:
@@ -605,8 +613,9 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 scheduler.base_lrs = [x * ratio for x in scheduler.base_lrs]
                 scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
             print(f"--scale-lr: world size {saved_world} -> {world}, learning rates x{ratio:g}")
-        print(f"resuming {run_dir} after epoch {start_epoch}" + (f" with {world} ranks (was {saved_world})"
-                                                                 if saved_world != world else ""))
+        print(f"resuming {run_dir} after epoch {start_epoch}"
+              + (f" and {partial['batches']} steps of epoch {partial['epoch']}" if partial else "")
+              + (f" with {world} ranks (was {saved_world})" if saved_world != world else ""))
         if start_epoch >= args.epochs:
             print(f"note: the run already has {start_epoch} epochs (--epochs {args.epochs}); pass a larger "
                   f"--epochs to train on")
@@ -687,23 +696,33 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     # ---- the loop
     epoch = start_epoch
     stop_reason = None
+    stopped_inside = 0  # steps done in the current epoch when --max-steps ends the run inside it
+    # what last.pt holds beyond its completed epochs, for the message of a Ctrl-C
+    held_partial = (partial["epoch"], partial["batches"]) if partial is not None else None
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             train_model.train()
-            train_loader.set_epoch(epoch)
+            # resuming inside this epoch: the same batch order from the saved step on
+            resume_at = partial["batches"] if partial is not None and partial["epoch"] == epoch else 0
+            train_loader.set_epoch(epoch, start_batch=resume_at)
             # augmentation randomness from (seed, epoch) alone, so a resumed epoch sees the same images;
             # under torchrun also from the rank (other images, other draws) and the same for dropout, so a
             # resume with any world size is reproducible without per-rank RNG state in the checkpoint
             aug_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch + 7_919 * rank)
             if ddp:
                 torch.manual_seed(args.seed * 1_000_003 + epoch + 7_919 * rank)
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen, prior_seconds = 0.0, 0, 0.0
             correct = torch.zeros((), dtype=torch.long, device=device)  # on the device: no sync per step
+            if resume_at:  # the partial epoch's generator and running sums, as the stop left them
+                aug_gen.set_state(partial["aug_gen"])
+                loss_sum, seen, prior_seconds = partial["loss_sum"], partial["seen"], partial["seconds"]
+                correct += partial["correct"]
+            partial = None
             bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
-                       disable=not is_main)
-            for i, (images, labels) in enumerate(bar, 1):
+                       disable=not is_main, initial=resume_at)
+            for i, (images, labels) in enumerate(bar, resume_at + 1):
                 x = to_input(images, True, aug_gen)
                 with autocast:
                     logits = train_model(x)
@@ -728,14 +747,27 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 seen += n
                 if i % 5 == 0 or i == len(train_loader):
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                                    img_s=f"{seen / (time.perf_counter() - t0 + prior_seconds):.0f}")
                 if args.debug_step_sleep:
                     time.sleep(args.debug_step_sleep)
                 if args.max_steps is not None and step >= args.max_steps:
                     stop_reason = f"--max-steps {args.max_steps} reached"
+                    stopped_inside = i if i < len(train_loader) else 0
                     break
             bar.close()
-            train_seconds = time.perf_counter() - t0
+            train_seconds = time.perf_counter() - t0 + prior_seconds
+            if stopped_inside:
+                # A stop inside the epoch: no validation, schedule or best.pt for a partial epoch (a run that
+                # goes on never had them there). last.pt keeps the completed epochs' record plus this
+                # epoch's progress, so --resume continues from this very step. Under torchrun the ranks'
+                # RNG states are not saved: last.pt stays at the last completed epoch.
+                if not ddp:
+                    ckpt = checkpoint(epoch - 1)
+                    ckpt["partial"] = {"epoch": epoch, "batches": stopped_inside, "aug_gen": aug_gen.get_state(),
+                                       "loss_sum": loss_sum, "correct": int(correct.item()), "seen": seen,
+                                       "seconds": train_seconds}
+                    atomic_save(ckpt, run_dir / "last.pt")
+                break
             if ddp:
                 # the logged training numbers cover every rank's images; BN running statistics (buffers) are
                 # rank 0's everywhere, so all ranks validate (and rank 0 saves) the very same model
@@ -794,7 +826,8 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                             run_dir / "best.pt")
             if is_main:
                 atomic_save(ckpt, run_dir / "last.pt")
-            seconds = time.perf_counter() - t0
+            held_partial = None
+            seconds = time.perf_counter() - t0 + prior_seconds
             rows.append(dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(seen, 1),
                              train_acc=correct.item() / max(seen, 1), val_loss=val_loss, val_acc=val_acc,
                              val_top5=val_top5, seconds=seconds, img_per_s=seen / train_seconds))
@@ -815,6 +848,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         done = rows[-1]["epoch"] if rows else 0
         if not is_main:
             pass
+        elif held_partial:
+            print(f"\ninterrupted in epoch {held_partial[0]}: {run_dir / 'last.pt'} holds epoch {done} and "
+                  f"{held_partial[1]} steps of epoch {held_partial[0]}, where the run was resumed (the steps since "
+                  f"are discarded).\nresume with: python train.py --resume {run_dir}", file=sys.stderr)
         elif done:
             print(f"\ninterrupted in epoch {done + 1}: {run_dir / 'last.pt'} holds epoch {done}, the last completed "
                   f"one (the partial epoch is discarded).\nresume with: python train.py --resume {run_dir}",
@@ -831,6 +868,14 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
 
     if stop_reason:
         print(stop_reason)
+    if stopped_inside:
+        where = (f"{run_dir / 'last.pt'} holds that point" if not ddp else
+                 f"under torchrun {run_dir / 'last.pt'} stays at epoch {epoch - 1}, the last completed one")
+        print(f"stopped inside epoch {epoch} after {stopped_inside} of {len(train_loader)} steps; {where}; "
+              f"continue with: python train.py --resume {run_dir}")
+    if best["epoch"] == 0:
+        print(f"no epoch completed, so there is no best.pt yet; files in {run_dir}")
+        return 0
     print(f"done: best val acc {100 * best['val_acc']:.2f}% at epoch {best['epoch']}, min val loss "
           f"{best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']}; files in {run_dir}")
     if args.demo:

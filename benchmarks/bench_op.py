@@ -239,6 +239,16 @@ print(json.dumps({{"maxrss_before_MiB": before / 1024, "maxrss_peak_MiB": after 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def parse_for_device(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """ap's arguments; exits with one line and status 2 when the op has no kernel on --device."""
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.exit(2, "error: --device cuda but no CUDA device is available; use --device cpu\n")
+    if not ghost_ext.has_kernel(args.device):
+        ap.exit(2, f"error: ghost_ext has no {args.device} kernel; build it with `pip install --no-build-isolation -e .`\n")
+    return args
+
+
 def machine_info(device: str) -> dict:
     cpu = cpu_name()
     info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -261,15 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (CPU)")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     ap.add_argument("--out", help="output folder (default: $OUT, else benchmarks/results)")
-    args = ap.parse_args(argv)
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    if not ghost_ext.has_kernel(args.device):
-        print(f"error: ghost_ext has no {args.device} kernel; build it with "
-              "`pip install --no-build-isolation -e .`", file=sys.stderr)
-        return 2
+    args = parse_for_device(ap, argv)
     batches = args.batch or ([32] if args.device == "cpu" else [64, 256])
     repeat = args.repeat or ((2 if args.quick else 7) if args.device == "cpu" else (10 if args.quick else 50))
     warmup = 1 if args.device == "cpu" else 2

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One GPU check, about 3-4 minutes on an H100 (step limits add up to 9 minutes): build ghost_ext with its CUDA kernels, run the op's
+# One GPU check, about 3-4 minutes on an H100 (step limits add up to 8 minutes): build ghost_ext with its CUDA kernels, run the op's
 # tests (CUDA and CPU), benchmark the op on CUDA and run a short training-throughput benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; needs nvcc, a CUDA torch, a GPU; no network
 #
 # Writes into $OUT when set, else benchmarks/results/: gpu_check.log (everything), pytest_cuda.log,
-# bench_op_cuda.json/.md, generic_kernels/bench_op_cuda.json/.md (GHOST_CUDA_TILES=0: the kernels
+# bench_op_cuda.json/.md, profile_op_cuda.json/.md (per-kernel times), generic_kernels/bench_op_cuda.json/.md (GHOST_CUDA_TILES=0: the kernels
 # before the tiled ones, for the A/B), bench_train_cuda.json/.md; prints a short table last.
 # A failing step is reported and the later steps still run; the exit status is 1 if any step failed.
 set -u -o pipefail
@@ -45,34 +45,38 @@ run_step() {
     echo "=== $name: $state in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-run_step "environment" 30 - bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; \
+run_step "environment" 20 - bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; \
     nvcc --version | tail -n 2; $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; \
     nproc; git log --oneline -1 2>/dev/null || true"
 
 # Fresh build (build/ and the .so are ignored files, so a copied tree has none anyway).
 rm -rf build ghost_ext/_C.*.so
-run_step "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" 180 - \
+run_step "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" 140 - \
     "$PY" setup.py build_ext --inplace
-run_step "import check" 30 - "$PY" -c "import ghost_ext, torch; \
+run_step "import check" 20 - "$PY" -c "import ghost_ext, torch; \
 assert ghost_ext.has_kernel('cuda'), 'no CUDA kernels in the build'; \
 print('self-check on', torch.cuda.get_device_name(), '->', ghost_ext._cuda_self_check(torch.device('cuda')))"
 
 # CUDA tests first (the point of this script), then the rest of the op's tests on this machine's CPU.
 # The slow CPU-only tests (torch.compile, export) are CI's job; here only what needs the GPU.
-run_step "pytest tests/test_op.py + CUDA data test" 120 "$RES/pytest_cuda.log" \
+run_step "pytest tests/test_op.py + CUDA data test" 75 "$RES/pytest_cuda.log" \
     "$PY" -m pytest tests/test_op.py tests/test_data.py::test_cuda_pipeline_matches_cpu -q -p no:cacheprovider \
     --durations=5 -m "cuda or not slow"
 
-run_step "bench_op.py --device cuda" 110 - \
+run_step "bench_op.py --device cuda" 85 - \
     "$PY" benchmarks/bench_op.py --device cuda --repeat 20 --out "$RES" --note "gpu_check.sh"
 
+# Where the op's time goes: per-kernel device time and launch gaps at batch 64, float32, fwd+bwd.
+run_step "profile_op.py --device cuda (per-kernel times)" 40 - \
+    "$PY" benchmarks/profile_op.py --device cuda --batch 64 --dtype float32 --mode train_fwd_bwd --out "$RES"
+
 # The same benchmark with the tiled NCHW kernels off (the generic per-pixel kernels), for the A/B.
-run_step "bench_op.py --device cuda, generic kernels (GHOST_CUDA_TILES=0)" 60 - \
+run_step "bench_op.py --device cuda, generic kernels (GHOST_CUDA_TILES=0)" 45 - \
     env GHOST_CUDA_TILES=0 "$PY" benchmarks/bench_op.py --device cuda --batch 64 --dtype float32 --repeat 20 \
     --out "$RES/generic_kernels" --note "gpu_check.sh, GHOST_CUDA_TILES=0"
 
 if [ -f benchmarks/bench_train.py ]; then
-    run_step "bench_train.py --device cuda (short, bf16 autocast)" 70 - \
+    run_step "bench_train.py --device cuda (short, bf16 autocast)" 55 - \
         "$PY" benchmarks/bench_train.py --device cuda --batch-size 64 --steps 10 --warmup 3 --amp \
         --out-dir "$RES" --note "gpu_check.sh short run"
 else
@@ -107,6 +111,18 @@ for n in r.get("notes", [])[:8]:
 EOF
     fi
     done
+    if [ -f "$RES/profile_op_cuda.json" ]; then
+        echo "--- profile_op (batch 64 float32 fwd+bwd, sum of 32 shapes; busy = kernel time, wall - busy = gaps):"
+        "$PY" - "$RES/profile_op_cuda.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for impl in ("ext", "torch"):
+    s = r["summary"][impl]
+    print(f"  {impl:>5}: wall {s['wall_us'] / 1e3:6.2f} ms, busy {s['busy_us'] / 1e3:6.2f} ms, {s['launches']:.0f} launches")
+    for name, k in list(r["totals"][impl].items())[:5]:
+        print(f"         {k['us'] / 1e3:6.2f} ms  {k['count']:5.0f}x  {name}")
+EOF
+    fi
     if [ -f "$RES/bench_train_cuda.md" ]; then
         echo "--- bench_train:"
         grep -E "^\|" "$RES/bench_train_cuda.md" | head -n 8

@@ -90,9 +90,10 @@ def read_confusion(path: Path) -> tuple[list[str], list[list[int]]]:
     return names, [[int(v) for v in r[1:]] for r in rows[1:]]
 
 
-def check_against_recount(out_dir: Path, m: dict, class_names: list[str]) -> None:
-    """Every figure of `m` recomputed from predictions.csv alone; confusion.csv and the worst list with it."""
-    rows = read_predictions(out_dir / "predictions.csv")
+def check_against_recount(out_dir: Path, m: dict, class_names: list[str], suffix: str = "") -> None:
+    """Every figure of `m` recomputed from predictions.csv alone; confusion.csv and the worst list with it.
+    suffix: "" for the test split, "_val" / "_train" for the others."""
+    rows = read_predictions(out_dir / f"predictions{suffix}.csv")
     assert len(rows) == m["images"] > 0
     for r in rows:
         assert r["true"] in class_names and r["predicted"] in class_names
@@ -109,7 +110,7 @@ def check_against_recount(out_dir: Path, m: dict, class_names: list[str]) -> Non
     acc = {c: pairs[(c, c)] / support[c] for c in support}
     assert m["mean_class_acc"] == pytest.approx(sum(acc.values()) / len(acc))
 
-    names, conf = read_confusion(out_dir / "confusion.csv")
+    names, conf = read_confusion(out_dir / f"confusion{suffix}.csv")
     assert names == class_names
     for i, t in enumerate(names):
         for j, p in enumerate(names):
@@ -162,9 +163,17 @@ def test_val_split_is_the_checkpoints(ckpt, demo, tmp_path):
     spec = data.find_dataset(demo)
     val = data.make_splits(spec, val_split=0.25, seed=3)["val"]
     assert m["images"] == len(val) and (m["val_split"], m["seed"]) == (0.25, 3)
-    got = sorted(Path(r["file"]).name for r in read_predictions(out_dir / "predictions.csv"))
+    got = sorted(Path(r["file"]).name for r in read_predictions(out_dir / "predictions_val.csv"))
     assert got == sorted(Path(r.path).name for r in val)
-    check_against_recount(out_dir, m, spec.class_names)
+    check_against_recount(out_dir, m, spec.class_names, suffix="_val")
+    # the test split into the same folder keeps the val files (it once overwrote them)
+    rc = evaluate.main(["--checkpoint", str(ckpt), "--data", str(demo), "--json", str(tmp_path / "test.json"),
+                        "--no-efficiency", "--out-dir", str(out_dir), "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    m_test = json.loads((tmp_path / "test.json").read_text())["metrics"]
+    assert m_test["images"] == len(spec.test) != m["images"]
+    check_against_recount(out_dir, m, spec.class_names, suffix="_val")
+    check_against_recount(out_dir, m_test, spec.class_names)
 
 
 def test_tta_averages_flipped(ckpt, demo, tmp_path):

@@ -563,3 +563,32 @@ def test_auto_keeps_cpu_half_precision_on_the_reference(monkeypatch):
     t = make_inputs(2, 4, 5, 5, 3, torch.float32, "cpu")
     ghost_ext.ghost_concat(*t, False, 0.1, 1e-5, True, 7, impl="auto")
     assert calls == [torch.bfloat16]  # float32 went to the kernels
+
+
+def test_profile_op_kernel_names():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from profile_op import short_name
+    assert short_name("void ghost::(anonymous namespace)::tiled_fwd_stats_kernel<float, float, 3>"
+                      "(ghost::Geom, ghost::LaunchCfg, float const*)") == "tiled_fwd_stats_kernel<float, float, 3>"
+    assert short_name("void at::native::(anonymous namespace)::conv_depthwise2d_forward_kernel<3, float, int>"
+                      "(at::GenericPackedTensorAccessor<float const, 4ul>, int)") == "conv_depthwise2d_forward_kernel<3, float, int>"
+    assert short_name("aten::convolution_backward") == "convolution_backward"
+
+
+@needs_ext
+def test_profile_op_runs_on_cpu(tmp_path):
+    """profile_op.py end to end on CPU (on CUDA it profiles kernels; gpu_check.sh runs it there)."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import profile_op
+    assert profile_op.main(["--device", "cpu", "--quick", "--img", "48", "--calls", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "profile_op_cpu.json").read_text())
+    assert len(res["shapes"]) == 4 and res["batch"] == 32
+    for impl in ("ext", "torch"):
+        assert res["summary"][impl]["busy_us"] > 0 and res["totals"][impl]
+    assert "ghost_concat" in res["totals"]["ext"] and "ghost_concat" not in res["totals"]["torch"]
+    assert "| impl | wall ms (sum of 4)" in (tmp_path / "profile_op_cpu.md").read_text()

@@ -119,6 +119,42 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_data, cache_dir):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.slow
+def test_max_steps_inside_an_epoch_resumes_exactly(tmp_path, tiny_data, cache_dir):
+    """--max-steps that ends a run inside an epoch saves that step in last.pt (it once saved the partial epoch
+    as complete, so --resume skipped the epoch's other batches); resuming, stopping inside the same epoch
+    again, and resuming to the end gives the uninterrupted run's metrics and weights bit for bit."""
+    common = ["--data", tiny_data, "--out", tmp_path, "--cache-dir", cache_dir, "--img-size", 32,
+              "--batch-size", 8, "--epochs", 3, "--deterministic", "--device", "cpu", "--seed", 3,
+              "--scheduler", "multistep", "--milestones", 2, "--erase", "--augment", "flip", "affine", "jitter"]
+    full = run_train(*common, "--name", "full")
+    assert full.returncode == 0, full.stderr
+    steps_per_epoch = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["step"] // 3
+    assert steps_per_epoch >= 3
+
+    first = run_train(*common, "--name", "cut", "--max-steps", steps_per_epoch + 1)  # 1 step into epoch 2
+    assert first.returncode == 0, first.stderr
+    assert f"stopped inside epoch 2 after 1 of {steps_per_epoch} steps" in first.stdout, first.stdout
+    ck = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["partial"]["epoch"] == 2 and ck["partial"]["batches"] == 1
+    assert len(read_rows(tmp_path / "cut")) == 1  # no metrics row for a partial epoch
+
+    second = run_train("--resume", tmp_path / "cut", "--max-steps", steps_per_epoch + 2)  # stops inside again
+    assert second.returncode == 0, second.stderr
+    assert "after epoch 1 and 1 steps of epoch 2" in second.stdout, second.stdout
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["partial"]["batches"] == 2
+
+    last = run_train("--resume", tmp_path / "cut")  # --max-steps is not inherited: on to the end
+    assert last.returncode == 0, last.stderr
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(read_rows(tmp_path / "cut")) == strip(read_rows(tmp_path / "full"))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and "partial" not in b and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_kill_between_checkpoint_writes_keeps_best_pt_current(tmp_path, cache_dir):
     # Regression: last.pt used to be written before best.pt, so a kill between the two left best.pt
     # an epoch behind last.pt's record of the best epoch, and --resume never rewrote it.
