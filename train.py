@@ -141,7 +141,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau-factor", type=float, default=0.1, help="plateau: LR factor on a val-loss plateau")
     g.add_argument("--plateau-patience", type=int, default=10, help="plateau: epochs without val-loss progress")
     g.add_argument("--min-lr", type=float, default=0.0, help="cosine eta_min / plateau min_lr")
-    g.add_argument("--patience", type=int, default=15, help="early stopping: epochs without a lower val loss (0=off)")
+    g.add_argument("--patience", type=int, default=15,
+                   help="early stopping: epochs without progress in --early-stop-on (0=off)")
+    # the reference watches the loss; on short budgets the loss can rise (overconfidence) while accuracy
+    # still climbs, and val_acc then stops later
+    g.add_argument("--early-stop-on", default="val_loss", choices=["val_loss", "val_acc"],
+                   help="early stopping watches a lower val loss (the reference) or a higher val accuracy")
 
     g = p.add_argument_group("speed")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -806,11 +811,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             is_best = val_acc > best["val_acc"]
             if is_best:
                 best["val_acc"], best["epoch"] = val_acc, epoch
-            if val_loss < best["min_val_loss"]:
+            lower_loss = val_loss < best["min_val_loss"]
+            if lower_loss:
                 best["min_val_loss"], best["min_val_loss_epoch"] = val_loss, epoch
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
+            bad_epochs = 0 if (lower_loss if args.early_stop_on == "val_loss" else is_best) else bad_epochs + 1
             if os.environ.get(DDP_DEBUG_ENV) and run_dir.is_dir():  # test hook, see DDP_DEBUG_ENV
                 atomic_write_text(json.dumps({"rank": rank, "world_size": world, "epoch": epoch, "step": step,
                                               "train_steps": len(train_loader), "val_seen_rank": v_seen_rank,
@@ -841,7 +845,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                   f"{'  *best' if is_best else ''}", flush=True)
             if args.patience and bad_epochs >= args.patience:
                 stop_reason = (f"early stopping: no lower val loss for {args.patience} epochs "
-                               f"(min {best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']})")
+                               f"(min {best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']})"
+                               if args.early_stop_on == "val_loss" else
+                               f"early stopping: no higher val accuracy for {args.patience} epochs "
+                               f"(best {100 * best['val_acc']:.2f}% at epoch {best['epoch']})")
             if stop_reason:
                 break
     except KeyboardInterrupt:

@@ -155,6 +155,31 @@ def test_max_steps_inside_an_epoch_resumes_exactly(tmp_path, tiny_data, cache_di
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("watch", ["val_loss", "val_acc"])
+def test_early_stopping_follows_the_watched_metric(tmp_path, tiny_data, cache_dir, watch):
+    """The run ends at the first epoch after `patience` epochs without progress in the watched metric,
+    recounted from metrics.csv (lower val_loss, or higher val_acc), or runs all epochs."""
+    patience, epochs = 2, 10
+    proc = run_train("--data", tiny_data, "--out", tmp_path, "--name", "run", "--cache-dir", cache_dir,
+                     "--img-size", 32, "--batch-size", 8, "--epochs", epochs, "--device", "cpu", "--lr", 0.01,
+                     "--patience", patience, "--early-stop-on", watch)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(tmp_path / "run")
+    best, bad, want = None, 0, epochs
+    for r in rows:
+        v = float(r[watch]) * (1 if watch == "val_loss" else -1)  # lower is better
+        bad = 0 if best is None or v < best else bad + 1
+        best = v if best is None or v < best else best
+        if bad >= patience:
+            want = int(r["epoch"])
+            break
+    assert int(rows[-1]["epoch"]) == want, (rows, proc.stdout)
+    if want < epochs:
+        what = "no lower val loss" if watch == "val_loss" else "no higher val accuracy"
+        assert f"early stopping: {what} for {patience} epochs" in proc.stdout, proc.stdout
+
+
 def test_kill_between_checkpoint_writes_keeps_best_pt_current(tmp_path, cache_dir):
     # Regression: last.pt used to be written before best.pt, so a kill between the two left best.pt
     # an epoch behind last.pt's record of the best epoch, and --resume never rewrote it.
