@@ -519,7 +519,10 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "ghostcars"
 
 
-def _cache_name(records: Sequence[Record], prep: Preprocess, desc: str) -> tuple[str, dict]:
+def _cache_name(records: Sequence[Record], prep: Preprocess, desc: str) -> tuple[str, str]:
+    """The cache entry's name, and its lineage: a digest of the image paths and the preprocessing
+    alone. An entry of the same lineage under another name decoded the same files before they changed
+    (or before CACHE_VERSION changed), so a new build supersedes it."""
     files = []
     use_box = prep.crop_bbox or prep.erase_background
     for r in records:
@@ -531,8 +534,10 @@ def _cache_name(records: Sequence[Record], prep: Preprocess, desc: str) -> tuple
         files.append([os.path.abspath(r.path), size, mtime, list(r.bbox) if (use_box and r.bbox) else None])
     key = {"version": CACHE_VERSION, "prep": prep.cache_key(), "files": files}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    lineage = {"prep": prep.cache_key(), "paths": [f[0] for f in files]}
+    lineage_digest = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:20]
     tag = "".join(c if c.isalnum() else "-" for c in desc)[:24] or "images"
-    return f"{tag}-{len(records)}-{prep.img_size}{'g' if prep.grayscale else ''}-{digest}", key
+    return f"{tag}-{len(records)}-{prep.img_size}{'g' if prep.grayscale else ''}-{digest}", lineage_digest
 
 
 def _pid_alive(pid: int) -> bool:
@@ -554,6 +559,46 @@ def _remove_stale_temps(cache_dir: Path, name: str) -> None:
             pid = -1
         if pid != os.getpid() and not _pid_alive(pid):
             p.unlink(missing_ok=True)
+
+
+def cache_entries(cache_dir: Path) -> list[dict]:
+    """The finished entries in cache_dir: name, bytes (array + marker), created, lineage (None for entries
+    written before lineages were recorded)."""
+    entries = []
+    for meta_p in sorted(Path(cache_dir).glob("*.json")):
+        arr_p = meta_p.with_suffix(".npy")
+        try:
+            meta = json.loads(meta_p.read_text())
+            size = arr_p.stat().st_size + meta_p.stat().st_size
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("complete") is True:
+            entries.append({"name": meta_p.stem, "bytes": size, "created": meta.get("created", "?"),
+                            "lineage": meta.get("lineage"), "root": meta.get("root")})
+    return entries
+
+
+def _orphaned(entry: dict) -> bool:
+    """Its images' folder is gone (a deleted dataset, or demo data in a removed temp folder)."""
+    return entry["root"] is not None and not os.path.exists(entry["root"])
+
+
+def remove_cache_entry(cache_dir: Path, name: str) -> None:
+    """Marker first: a reader never finds a marker without its array (an open memmap keeps its data)."""
+    (Path(cache_dir) / f"{name}.json").unlink(missing_ok=True)
+    (Path(cache_dir) / f"{name}.npy").unlink(missing_ok=True)
+
+
+def _remove_superseded(cache_dir: Path, name: str, lineage: str) -> None:
+    """After a build, delete the entries nothing can hit again (at 227 px a train split is ~0.8 GB): those
+    that decoded the same files with the same preprocessing before the files (or the cache format)
+    changed, and those whose images' folder is gone. Entries from before these records are kept."""
+    for e in cache_entries(cache_dir):
+        if e["name"] != name and (e["lineage"] == lineage or _orphaned(e)):
+            try:
+                remove_cache_entry(cache_dir, e["name"])
+            except OSError:  # e.g. open in another process on Windows: left for next time
+                pass
 
 
 def _read_cache(cache_dir: Path, name: str, n_records: int) -> tuple[np.ndarray, dict] | None:
@@ -595,14 +640,15 @@ def decode_cached(records: Sequence[Record], prep: Preprocess, cache_dir: str | 
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create cache folder {cache_dir} ({e.strerror}); pass --cache-dir to a writable folder")
-    name, _ = _cache_name(records, prep, desc)
+    name, lineage = _cache_name(records, prep, desc)
     hit = _read_cache(cache_dir, name, len(records))
     if hit is None:
         _remove_stale_temps(cache_dir, name)
-        _build_cache(records, prep, cache_dir, name, workers, desc)
+        _build_cache(records, prep, cache_dir, name, lineage, workers, desc)
         hit = _read_cache(cache_dir, name, len(records))
         if hit is None:
             raise DataError(f"cache {cache_dir / name}.npy could not be read back; check free space in {cache_dir}")
+        _remove_superseded(cache_dir, name, lineage)
     arr, meta = hit
     kept = meta["kept"]
     skipped = [tuple(s) for s in meta["skipped"]]
@@ -614,8 +660,8 @@ def decode_cached(records: Sequence[Record], prep: Preprocess, cache_dir: str | 
     return Decoded(arr, labels, [records[i].path for i in kept], skipped)
 
 
-def _build_cache(records: list[Record], prep: Preprocess, cache_dir: Path, name: str, workers: int | None,
-                 desc: str) -> None:
+def _build_cache(records: list[Record], prep: Preprocess, cache_dir: Path, name: str, lineage: str,
+                 workers: int | None, desc: str) -> None:
     n, S, C = len(records), prep.img_size, prep.channels
     tmp_tag = f".tmp{os.getpid()}-{os.urandom(3).hex()}"
     tmp_arr = cache_dir / f"{name}.npy{tmp_tag}"
@@ -666,7 +712,8 @@ def _build_cache(records: list[Record], prep: Preprocess, cache_dir: Path, name:
         os.replace(tmp_arr, arr_p)
         meta = {"complete": True, "n_records": n, "shape": [int(len(kept)), C, S, S], "kept": kept.tolist(),
                 "skipped": [[records[i].path, errors[i]] for i in sorted(errors)], "preprocess": prep.cache_key(),
-                "boxes_outside": len(notes), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "boxes_outside": len(notes), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "lineage": lineage,
+                "root": os.path.commonpath([os.path.abspath(r.path) for r in records])}
         tmp_meta = cache_dir / f"{name}.json{tmp_tag}"
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_p)  # the completion marker, written last
@@ -1420,6 +1467,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--cache-dir", default=None)
     info = sub.add_parser("info", help="which layout was found, counts and classes")
     info.add_argument("--data", required=True)
+    cache = sub.add_parser("cache", help="list the decode cache's entries and their sizes; --clear deletes them")
+    cache.add_argument("--cache-dir", default=None, help="default: $GHOSTCARS_CACHE, else ~/.cache/ghostcars")
+    cache.add_argument("--clear", action="store_true", help="delete every entry (rebuilt on the next use)")
     demo = sub.add_parser("demo", help="write the synthetic demo set")
     demo.add_argument("out")
     demo.add_argument("--num-classes", type=int, default=4)
@@ -1428,6 +1478,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "demo":
             print(make_demo_dataset(args.out, num_classes=args.num_classes, seed=args.seed))
+            return 0
+        if args.cmd == "cache":
+            cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+            entries = cache_entries(cache_dir) if cache_dir.is_dir() else []
+            for e in entries:
+                print(f"{e['bytes'] / 1e6:9.1f} MB  {e['created']}  {e['name']}"
+                      + ("  (its images are gone)" if _orphaned(e) else ""))
+                if args.clear:
+                    remove_cache_entry(cache_dir, e["name"])
+            total = sum(e["bytes"] for e in entries) / 1e6
+            print(f"{'deleted' if args.clear else 'total'}: {len(entries)} entries, {total:.1f} MB in {cache_dir}")
             return 0
         spec = find_dataset(args.data)
         if args.cmd == "info":

@@ -1,6 +1,7 @@
 """data.py: layouts, splits, decode-once cache, bad images, loaders, batched augmentation vs torchvision."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -331,6 +332,46 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert calls == []
     data.decode_cached(recs, data.Preprocess(img_size=12), tmp_path / "c")
     assert len(calls) == 6
+
+
+def test_cache_removes_superseded_and_orphaned_entries(tmp_path, capsys):
+    """Old entries were never deleted. A build now removes the entries it supersedes (the same files and
+    preprocessing, decoded before a file changed) and those whose images' folder is gone; other sizes of
+    the same images stay. `data.py cache` lists the entries and --clear deletes them."""
+    cache = tmp_path / "c"
+
+    def images(folder):
+        recs = []
+        for i in range(4):
+            _img(folder / f"{i}.png", (20, 20), (i * 50, 0, 0))
+            recs.append(data.Record(str(folder / f"{i}.png"), i % 2, None))
+        return recs
+
+    recs = images(tmp_path / "a")
+    names = lambda: sorted(e["name"] for e in data.cache_entries(cache))  # noqa: E731
+    data.decode_cached(recs, data.Preprocess(img_size=10), cache, desc="a")
+    data.decode_cached(recs, data.Preprocess(img_size=12), cache, desc="a")
+    assert len(names()) == 2
+    before = names()
+    time.sleep(0.01)
+    _img(tmp_path / "a" / "1.png", (20, 20), (0, 255, 0))  # new content and mtime
+    data.decode_cached(recs, data.Preprocess(img_size=10), cache, desc="a")
+    after = names()
+    assert len(after) == 2 and [n for n in before if "-12-" in n] == [n for n in after if "-12-" in n]
+    assert [n for n in before if "-10-" in n] != [n for n in after if "-10-" in n]
+    assert not list(cache.glob("*.tmp*")) and len(list(cache.glob("*.npy"))) == 2
+
+    other = images(tmp_path / "b")  # folder a is deleted: its entries go with the next build
+    shutil.rmtree(tmp_path / "a")
+    assert data.main(["cache", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(its images are gone)") == 2 and "total: 2 entries" in out
+    data.decode_cached(other, data.Preprocess(img_size=10), cache, desc="b")
+    assert len(names()) == 1 and names()[0].startswith("b-")
+
+    assert data.main(["cache", "--cache-dir", str(cache), "--clear"]) == 0
+    assert "deleted: 1 entries" in capsys.readouterr().out
+    assert names() == [] and not list(cache.glob("*.npy"))
 
 
 def test_half_written_cache_is_rebuilt(tmp_path):
