@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One GPU check, about 3-4 minutes on an H100 (step limits add up to 8 minutes): build ghost_ext with its CUDA kernels, run the op's
-# tests (CUDA and CPU), benchmark the op on CUDA and run a short training-throughput benchmark.
+# One GPU check, about 4 minutes on an H100 (step limits add up to 8 minutes): build ghost_ext with its
+# CUDA kernels, run the op's tests (CUDA and CPU), benchmark and profile the op on CUDA (with A/B runs of
+# the other kernel variants) and run a short training-throughput benchmark.
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; needs nvcc, a CUDA torch, a GPU; no network
 #
 # Writes into $OUT when set, else benchmarks/results/: gpu_check.log (everything), pytest_cuda.log,
-# bench_op_cuda.json/.md, profile_op_cuda.json/.md (per-kernel times), generic_kernels/bench_op_cuda.json/.md (GHOST_CUDA_TILES=0: the kernels
-# before the tiled ones, for the A/B), bench_train_cuda.json/.md; prints a short table last.
+# bench_op_cuda.json/.md, profile_op_cuda.json/.md (per-kernel times), unfused_kernels/bench_op_cuda.*
+# (GHOST_CUDA_FUSED_MAX_TILES=0: tiled, with separate merging launches) and generic_kernels/bench_op_cuda.*
+# (GHOST_CUDA_TILES=0: the kernels before the tiled ones), bench_train_cuda.json/.md; prints a short
+# table last.
 # A failing step is reported and the later steps still run; the exit status is 1 if any step failed.
 set -u -o pipefail
 
@@ -51,7 +54,7 @@ run_step "environment" 20 - bash -c "nvidia-smi --query-gpu=name,driver_version,
 
 # Fresh build (build/ and the .so are ignored files, so a copied tree has none anyway).
 rm -rf build ghost_ext/_C.*.so
-run_step "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" 140 - \
+run_step "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" 120 - \
     "$PY" setup.py build_ext --inplace
 run_step "import check" 20 - "$PY" -c "import ghost_ext, torch; \
 assert ghost_ext.has_kernel('cuda'), 'no CUDA kernels in the build'; \
@@ -63,20 +66,25 @@ run_step "pytest tests/test_op.py + CUDA data test" 75 "$RES/pytest_cuda.log" \
     "$PY" -m pytest tests/test_op.py tests/test_data.py::test_cuda_pipeline_matches_cpu -q -p no:cacheprovider \
     --durations=5 -m "cuda or not slow"
 
-run_step "bench_op.py --device cuda" 85 - \
+run_step "bench_op.py --device cuda" 80 - \
     "$PY" benchmarks/bench_op.py --device cuda --repeat 20 --out "$RES" --note "gpu_check.sh"
 
 # Where the op's time goes: per-kernel device time and launch gaps at batch 64, float32, fwd+bwd.
 run_step "profile_op.py --device cuda (per-kernel times)" 40 - \
     "$PY" benchmarks/profile_op.py --device cuda --batch 64 --dtype float32 --mode train_fwd_bwd --out "$RES"
 
+# The tiled kernels with the separate merging launches (no in-kernel merges), for the A/B.
+run_step "bench_op.py --device cuda, tiled unfused (GHOST_CUDA_FUSED_MAX_TILES=0)" 35 - \
+    env GHOST_CUDA_FUSED_MAX_TILES=0 "$PY" benchmarks/bench_op.py --device cuda --batch 64 --dtype float32 --repeat 20 \
+    --out "$RES/unfused_kernels" --note "gpu_check.sh, GHOST_CUDA_FUSED_MAX_TILES=0"
+
 # The same benchmark with the tiled NCHW kernels off (the generic per-pixel kernels), for the A/B.
-run_step "bench_op.py --device cuda, generic kernels (GHOST_CUDA_TILES=0)" 45 - \
+run_step "bench_op.py --device cuda, generic kernels (GHOST_CUDA_TILES=0)" 40 - \
     env GHOST_CUDA_TILES=0 "$PY" benchmarks/bench_op.py --device cuda --batch 64 --dtype float32 --repeat 20 \
     --out "$RES/generic_kernels" --note "gpu_check.sh, GHOST_CUDA_TILES=0"
 
 if [ -f benchmarks/bench_train.py ]; then
-    run_step "bench_train.py --device cuda (short, bf16 autocast)" 55 - \
+    run_step "bench_train.py --device cuda (short, bf16 autocast)" 50 - \
         "$PY" benchmarks/bench_train.py --device cuda --batch-size 64 --steps 10 --warmup 3 --amp \
         --out-dir "$RES" --note "gpu_check.sh short run"
 else
@@ -92,7 +100,7 @@ fi
     echo "--- pytest:"
     grep -E "^(FAILED|ERROR)" "$RES/pytest_cuda.log" 2>/dev/null | head -n 15
     tail -n 1 "$RES/pytest_cuda.log" 2>/dev/null
-    for J in "$RES/bench_op_cuda.json" "$RES/generic_kernels/bench_op_cuda.json"; do
+    for J in "$RES/bench_op_cuda.json" "$RES/unfused_kernels/bench_op_cuda.json" "$RES/generic_kernels/bench_op_cuda.json"; do
     if [ -f "$J" ]; then
         echo "--- bench_op $J (sum over the 32 GhostNet shapes; speedup = torch / ext; GPU = CUDA-graph replay time, eager = Python loop):"
         "$PY" - "$J" <<'EOF'

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,8 +75,15 @@ def profile_call(fn, t: dict, device: str, calls: int) -> dict:
             torch.cuda.synchronize()
     kernels = {}
     for e in prof.key_averages():
-        us = e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
-        if us <= 0 or (device == "cuda" and e.key.startswith(("cudaLaunch", "cudaDevice", "cudaStream"))):
+        if device == "cuda":
+            # kernels, memsets and copies only: the runtime calls that launched them (cudaLaunchKernel, ...)
+            # carry their kernels' time too
+            if getattr(e, "device_type", DeviceType.CUDA) != DeviceType.CUDA or re.match(r"cu(da)?[A-Z]", e.key):
+                continue
+            us = e.self_device_time_total or e.device_time_total
+        else:
+            us = e.self_cpu_time_total
+        if us <= 0:
             continue
         k = kernels.setdefault(short_name(e.key), {"us": 0.0, "count": 0.0})
         k["us"] += us / calls

@@ -80,9 +80,18 @@ SHAPES = [  # (N, C, H, W, k, out_channels)
 ]
 
 
+@pytest.fixture
+def fused_max_tiles(emu):
+    """Set the fused path's tile limit for one test (0: the three/four-launch tiled path), then restore it."""
+    saved = emu.get_fused_max_tiles()
+    yield emu.set_fused_max_tiles
+    emu.set_fused_max_tiles(saved)
+
+
 def test_launch_config(emu):
     """NCHW takes the tiled kernels (with the tiles the shapes above are meant to exercise), channels_last
-    and k = 9 the generic ones; the tiled backward's shared memory stays under the default 48 KB."""
+    and k = 9 the generic ones; the tiled backward's shared memory stays under the default 48 KB; the
+    fused path takes channels of at most 64 tiles (GhostNet's maps up to 29x29 at batch 64)."""
     def cfg(shape, cl=False, dtype=torch.float64):
         x = torch.empty(shape[:4], dtype=dtype)  # only the shape and strides matter
         return emu.launch_config(x.contiguous(memory_format=torch.channels_last) if cl else x, shape[4], shape[5])
@@ -93,6 +102,11 @@ def test_launch_config(emu):
     assert cfg(SHAPES[10])["tiled"] and cfg(SHAPES[10])["th"] == 1
     assert not cfg(SHAPES[0], cl=True)["tiled"]
     assert not cfg((2, 4, 12, 12, 9, 8))["tiled"]
+    assert cfg(SHAPES[8])["fused"] and cfg(SHAPES[8])["G"] > 1 and cfg(SHAPES[5])["G"] == 1
+    for n, c, hw, fused in [(64, 80, 8, True), (64, 336, 15, True), (64, 20, 29, True), (64, 36, 57, False),
+                            (64, 8, 114, False), (256, 480, 8, True)]:
+        d = cfg((n, c, hw, hw, 3, 2 * c), dtype=torch.float32)
+        assert d["tiled"] and d["fused"] == fused and (d["G"] <= 64) == fused, (n, c, hw, d)
     for n, c, hw in [(64, 8, 114), (64, 80, 8), (256, 24, 114), (1, 3, 2000)]:
         for k in (1, 3, 5, 7):
             for dtype in (torch.float32, torch.float64):
@@ -105,6 +119,26 @@ def test_launch_config(emu):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_cuda_kernels_float64(emu, shape, channels_last, training):
     check(emu, shape, torch.float64, channels_last, training, relu=True, seed=sum(shape))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [SHAPES[i] for i in (1, 4, 5, 6, 8, 9, 10)], ids=lambda s: "x".join(map(str, s)))
+def test_emulated_tiled_kernels_unfused(emu, fused_max_tiles, shape, training):
+    """The tiled kernels with the separate merging launches (what channels of over 64 tiles get)."""
+    fused_max_tiles(0)
+    x = torch.empty(shape[:4], dtype=torch.float64)
+    assert emu.launch_config(x, shape[4], shape[5])["fused"] is False
+    check(emu, shape, torch.float64, False, training, relu=True, seed=sum(shape) + 1)
+
+
+def test_emulated_fused_rows_longer_than_a_block(emu, fused_max_tiles):
+    """Fused with 300 tiles per channel: every strided merge loop (stats, reduce sums, the last tile's
+    grad_w sum) runs past one block of 256 threads."""
+    fused_max_tiles(1000)
+    shape = (3, 1, 600, 40, 3, 2)
+    d = emu.launch_config(torch.empty(shape[:4], dtype=torch.float64), 3, 2)
+    assert d["fused"] and d["G"] > 256, d
+    check(emu, shape, torch.float64, False, True, relu=True, seed=5)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[7]], ids=["small", "chunks"])

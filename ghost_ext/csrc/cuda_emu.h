@@ -161,6 +161,14 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
 }  // namespace ghost
 
 inline void __syncthreads() { ghost::emu::wait_at(0); }
+// Blocks run one after another and fibers switch only at barriers: every access is already ordered
+// and every read-modify-write atomic. (What a missing fence would break on a GPU stays untested.)
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
 
 template <typename T>
 T __shfl_down_sync(unsigned /*mask: the kernels always pass the full warp*/, T v, unsigned off) {

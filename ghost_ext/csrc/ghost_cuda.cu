@@ -1,8 +1,8 @@
 // CUDA kernels of ghost_ext::ghost_concat. The per-element math is ghost_math.h (shared with the
 // CPU kernels); this file only maps it onto threads (ghost_cuda.h describes the two kernel families:
-// shared-memory tiles for NCHW, a generic per-pixel mapping for the rest). No atomics: every reduction
-// writes one partial per (channel, tile or chunk) and a second kernel combines them in a fixed order,
-// so the results are bitwise reproducible for a given shape.
+// shared-memory tiles for NCHW, a generic per-pixel mapping for the rest). Every reduction writes one
+// partial per (channel, tile or chunk), combined in a fixed order (by a second kernel, or by the
+// consumer itself), so the results are bitwise reproducible for a given shape.
 //
 // Training forward: stats (Welford partials; the tiled kernel also writes the identity half)
 //                   -> finalize (mean, var, invstd) -> apply (conv recomputed, BN, ReLU).
@@ -10,6 +10,10 @@
 // Backward, tiled:  reduce sum(g), sum(g*yhat) -> sum partials (= grad_bn_bias, grad_bn_weight)
 //                   -> grad_x (= grad_out + conv_transpose(dy), dy recomputed in shared memory) and
 //                   grad_w partials -> sum partials. Four launches.
+// Tiled and fused (a channel has at most kFusedMaxTiles tiles, the usual case): the consumers merge
+//                   the partials themselves, so training forward = stats -> apply and backward =
+//                   reduce -> dx/dw, whose last tile per channel sums grad_w (a tile counter; the
+//                   only atomic, and it does not change the summation order).
 // Backward, generic: as tiled, with dy written to a float workspace by a launch of its own (five).
 // No fills: zero rows are written in-kernel. Reading x twice instead of storing the depthwise output
 // keeps the forward at one write of the output.
@@ -98,6 +102,59 @@ __device__ Moments<T> merge_over_ty(Moments<T> v, T* sn, T* smean, T* sm2) {
   return r;
 }
 
+// Welford triples of a 1-D block of kThreads threads merged in a fixed order (lanes, then warps); the
+// result is returned to every thread. red: kBlockMomentsSmem elements of shared memory, free for reuse
+// after the caller's next barrier.
+constexpr int kBlockMomentsSmem = 3 * kWarps + 3;
+template <typename T>
+__device__ Moments<T> block_moments(Moments<T> m, T* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) m = moments_merge(m, shfl_down_moments(m, off));
+  if (lane == 0) {
+    red[warp] = m.n;
+    red[kWarps + warp] = m.mean;
+    red[2 * kWarps + warp] = m.m2;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Moments<T> r{T(0), T(0), T(0)};
+    for (int j = 0; j < kWarps; ++j) r = moments_merge(r, Moments<T>{red[j], red[kWarps + j], red[2 * kWarps + j]});
+    red[3 * kWarps] = r.n;
+    red[3 * kWarps + 1] = r.mean;
+    red[3 * kWarps + 2] = r.m2;
+  }
+  __syncthreads();
+  return Moments<T>{red[3 * kWarps], red[3 * kWarps + 1], red[3 * kWarps + 2]};
+}
+
+// Row c of the Welford partials part[{n, mean, m2} * stride + c * G + j], j < G, merged in a fixed
+// order (so every block that merges a row gets the same bits); returned to every thread.
+template <typename T>
+__device__ Moments<T> merge_partials(const T* __restrict__ part, int64_t stride, int64_t c, int64_t G, T* red) {
+  Moments<T> m{T(0), T(0), T(0)};
+  const T* row = part + c * G;
+  for (int64_t j = threadIdx.x; j < G; j += kThreads)
+    m = moments_merge(m, Moments<T>{row[j], row[stride + j], row[2 * stride + j]});
+  return block_moments(m, red);
+}
+
+// The op's statistics of a channel: batch mean, invstd of the biased variance (what BN normalises
+// with) and the unbiased variance (for the running update).
+template <typename T>
+struct Stats {
+  T mean, invstd, var;
+};
+template <typename T>
+__device__ Stats<T> stats_of(const Moments<T>& r, T eps) {
+  return Stats<T>{r.mean, invstd_of(r.n > T(0) ? r.m2 / r.n : T(0), eps), r.n > T(1) ? r.m2 / (r.n - T(1)) : T(0)};
+}
+template <typename T>
+__device__ void write_stats(const Stats<T>& st, int64_t c, T* mean, T* invstd, T* var) {
+  mean[c] = st.mean;
+  invstd[c] = st.invstd;
+  var[c] = st.var;
+}
+
 struct Pix {
   int64_t n, h, w;
 };
@@ -164,32 +221,9 @@ __global__ void __launch_bounds__(kThreads) fwd_stats_kernel(Geom g, int iters, 
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) fwd_finalize_kernel(int64_t C, int64_t G, const acc_t* __restrict__ part,
                                                                 acc_t eps, acc_t* mean, acc_t* invstd, acc_t* var) {
-  __shared__ acc_t sn[kThreads], smean[kThreads], sm2[kThreads];
-  const int64_t c = blockIdx.x;
-  const int64_t stride = C * G;
-  Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
-  for (int64_t j = threadIdx.x; j < G; j += kThreads)
-    m = moments_merge(m, Moments<acc_t>{part[c * G + j], part[stride + c * G + j], part[2 * stride + c * G + j]});
-  sn[threadIdx.x] = m.n;
-  smean[threadIdx.x] = m.mean;
-  sm2[threadIdx.x] = m.m2;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      const Moments<acc_t> r = moments_merge(Moments<acc_t>{sn[threadIdx.x], smean[threadIdx.x], sm2[threadIdx.x]},
-                                             Moments<acc_t>{sn[threadIdx.x + s], smean[threadIdx.x + s], sm2[threadIdx.x + s]});
-      sn[threadIdx.x] = r.n;
-      smean[threadIdx.x] = r.mean;
-      sm2[threadIdx.x] = r.m2;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const acc_t v = sn[0] > acc_t(0) ? sm2[0] / sn[0] : acc_t(0);  // biased: what BN normalises with
-    mean[c] = smean[0];
-    var[c] = sn[0] > acc_t(1) ? sm2[0] / (sn[0] - acc_t(1)) : acc_t(0);  // unbiased: for the running update
-    invstd[c] = invstd_of(v, eps);
-  }
+  __shared__ acc_t red[kBlockMomentsSmem];
+  const Moments<acc_t> r = merge_partials(part, C * G, static_cast<int64_t>(blockIdx.x), G, red);
+  if (threadIdx.x == 0) write_stats(stats_of(r, eps), static_cast<int64_t>(blockIdx.x), mean, invstd, var);
 }
 
 // out[:, c] = x[:, c]; out[:, C + c] = relu?(bn(conv(x)[:, c])) for c < NY.
@@ -391,6 +425,11 @@ __global__ void __launch_bounds__(kThreads) bwd_dx_dw_kernel(Geom g, int iters, 
 // memory holds acc_t, so every tap is read in the accumulation type once staged.
 
 constexpr int kTileWarps = kTileThreads / 32;
+// The apply and dx/dw kernels ask for 5 resident blocks per SM (48 registers a thread: what they used
+// before they merged partials; ptxas reports no spills for k = 3, GhostNet's only cheap kernel size,
+// and a few bytes for k = 5, 7). Unmeasured on a GPU: revisit with benchmarks/profile_op.py.
+constexpr int kTileMinBlocks = 5;
+static_assert(kTileThreads == kThreads, "block_moments and merge_partials assume one block size");
 
 struct Tile {  // the part of the tensor one block owns
   int c, n0, tp, h0, th;
@@ -474,6 +513,34 @@ __device__ acc_t block_sums(acc_t (&v)[M], acc_t* red) {
   return r;
 }
 
+// Row `row` of M sets of partial sums, part[i * set_stride + row * G + j] (j < G), summed in a fixed
+// order; every thread gets the M sums. red: (M + 1) * kTileWarps elements of shared memory.
+template <int M, typename acc_t>
+__device__ void sum_partials(const acc_t* __restrict__ part, int64_t set_stride, int64_t row, int64_t G, acc_t (&out)[M],
+                             acc_t* red) {
+  acc_t v[M];
+#pragma unroll
+  for (int i = 0; i < M; ++i) v[i] = acc_t(0);
+  for (int64_t j = threadIdx.x; j < G; j += kTileThreads)
+#pragma unroll
+    for (int i = 0; i < M; ++i) v[i] += part[i * set_stride + row * G + j];
+  const acc_t r = block_sums<M>(v, red);
+  if (static_cast<int>(threadIdx.x) < M) red[M * kTileWarps + threadIdx.x] = r;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < M; ++i) out[i] = red[M * kTileWarps + i];
+}
+
+// A load from L2, past this SM's L1: for partials other blocks wrote during this launch.
+template <typename T>
+__device__ __forceinline__ T load_l2(const T* p) {
+#if defined(GHOST_CUDA_EMULATE)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
 // Training forward, pass 1: Welford partials of the depthwise output per (channel, tile) in
 // part[{n, mean, m2}][c * G + tile], and the identity half out[:, c] = x[:, c]. grid.y = C.
 template <typename scalar_t, typename acc_t, int K>
@@ -482,7 +549,7 @@ __global__ void __launch_bounds__(kTileThreads) tiled_fwd_stats_kernel(Geom g, L
                                                                        acc_t* __restrict__ part) {
   constexpr int P = K / 2;
   GHOST_DYNAMIC_SMEM(acc_t, s);
-  __shared__ acc_t red[3 * kTileWarps];
+  __shared__ acc_t red[kBlockMomentsSmem];
   const Tile t = tile_of(g, cfg);
   const int W = static_cast<int>(g.W), CS = W + 2 * P, PS = (t.th + 2 * P) * CS;
   const int per_plane = t.th * W, total = t.tp * per_plane;
@@ -511,17 +578,8 @@ __global__ void __launch_bounds__(kTileThreads) tiled_fwd_stats_kernel(Geom g, L
     }
     if (cnt > 0) acc = moments_merge(acc, batch_moments(v, cnt, sum));  // v[0, cnt) are valid
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int off = 16; off > 0; off >>= 1) acc = moments_merge(acc, shfl_down_moments(acc, off));
-  if (lane == 0) {
-    red[warp] = acc.n;
-    red[kTileWarps + warp] = acc.mean;
-    red[2 * kTileWarps + warp] = acc.m2;
-  }
-  __syncthreads();
+  const Moments<acc_t> r = block_moments(acc, red);
   if (threadIdx.x == 0) {
-    Moments<acc_t> r{acc_t(0), acc_t(0), acc_t(0)};
-    for (int j = 0; j < kTileWarps; ++j) r = moments_merge(r, Moments<acc_t>{red[j], red[kTileWarps + j], red[2 * kTileWarps + j]});
     const int64_t slot = static_cast<int64_t>(t.c) * cfg.G + blockIdx.x, stride = g.C * cfg.G;
     part[slot] = r.n;
     part[stride + slot] = r.mean;
@@ -529,12 +587,15 @@ __global__ void __launch_bounds__(kTileThreads) tiled_fwd_stats_kernel(Geom g, L
   }
 }
 
-// out[:, C + c] = relu?(bn(conv(x)[:, c])). Training: stats = (mean, invstd) from fwd_finalize_kernel,
-// grid.y = NY. Eval: stats = (running_mean, running_var) folded here, grid.y = C, and this kernel also
-// writes the identity half and the op's (mean, invstd, var) outputs.
+// out[:, C + c] = relu?(bn(conv(x)[:, c])). Training, cfg.fused: every block merges its channel's
+// Welford partials `part` itself (the same bits in every block; no finalize launch), the tiles of
+// plane group 0 write the op's (mean, invstd, var), grid.y = C. Training, otherwise: stats = (mean,
+// invstd) from fwd_finalize_kernel, grid.y = NY. Eval: stats = (running_mean, running_var) folded
+// here, grid.y = C, and this kernel also writes the identity half and the op's (mean, invstd, var).
 template <typename scalar_t, typename acc_t, int K>
-__global__ void __launch_bounds__(kTileThreads) tiled_fwd_apply_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ x,
+__global__ void __launch_bounds__(kTileThreads, kTileMinBlocks) tiled_fwd_apply_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ x,
                                                                        const acc_t* __restrict__ w, bool training,
+                                                                       const acc_t* __restrict__ part,
                                                                        const acc_t* __restrict__ stat0, const acc_t* __restrict__ stat1,
                                                                        acc_t eps, const acc_t* __restrict__ gamma,
                                                                        const acc_t* __restrict__ beta, bool relu, scalar_t* __restrict__ out,
@@ -546,11 +607,19 @@ __global__ void __launch_bounds__(kTileThreads) tiled_fwd_apply_kernel(Geom g, L
   const int W = static_cast<int>(g.W), CS = W + 2 * P, PS = (t.th + 2 * P) * CS;
   const int per_plane = t.th * W, total = t.tp * per_plane;
   const int osN = static_cast<int>(g.osN), osH = static_cast<int>(g.osH);
-  const acc_t m = stat0[t.c];
-  acc_t is;
-  if (training) {
+  acc_t m, is;
+  if (part != nullptr) {
+    __shared__ acc_t red[kBlockMomentsSmem];
+    const Stats<acc_t> st = stats_of(merge_partials(part, g.C * cfg.G, t.c, cfg.G, red), eps);
+    m = st.mean;
+    is = st.invstd;
+    if (blockIdx.x == 0 && threadIdx.x == 0) write_stats(st, t.c, mean_out, invstd_out, var_out);
+    if (t.c >= g.NY) return;  // block-uniform: the stats kernel wrote this channel's identity half
+  } else if (training) {
+    m = stat0[t.c];
     is = stat1[t.c];
   } else {
+    m = stat0[t.c];
     is = invstd_of(stat1[t.c], eps);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       mean_out[t.c] = m;
@@ -584,17 +653,20 @@ __global__ void __launch_bounds__(kTileThreads) tiled_fwd_apply_kernel(Geom g, L
 }
 
 // Backward, pass 1: partials of sum(g) and sum(g * yhat) per (channel < NY, tile):
-// part[{0, 1}][c * G + tile]. grid.y = NY.
+// part[{0, 1}][c * G + tile]. grid.y = NY. cfg.fused: also zeroes the per-channel tile counters of
+// tiled_bwd_dx_dw_kernel (which runs after it on the stream).
 template <typename scalar_t, typename acc_t, int K>
 __global__ void __launch_bounds__(kTileThreads) tiled_bwd_reduce_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ gout,
                                                                         const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
                                                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                                                         const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
-                                                                        bool relu, acc_t* __restrict__ part) {
+                                                                        bool relu, acc_t* __restrict__ part,
+                                                                        unsigned* __restrict__ counters) {
   constexpr int P = K / 2;
   GHOST_DYNAMIC_SMEM(acc_t, s);
   __shared__ acc_t red[2 * kTileWarps];
   const Tile t = tile_of(g, cfg);
+  if (cfg.fused && blockIdx.x == 0 && threadIdx.x == 0) counters[t.c] = 0u;
   const int W = static_cast<int>(g.W), CS = W + 2 * P, PS = (t.th + 2 * P) * CS;
   const int per_plane = t.th * W, total = t.tp * per_plane;
   const int osN = static_cast<int>(g.osN), osH = static_cast<int>(g.osH);
@@ -621,17 +693,23 @@ __global__ void __launch_bounds__(kTileThreads) tiled_bwd_reduce_kernel(Geom g, 
 // Backward, pass 2: grad_x for every channel, and per-tap partials of grad_w for channels < NY in
 // part[(c * K*K + tap) * G + tile]. The BN gradient dy is computed on the tile plus a K/2 halo into
 // shared memory (from x staged with a K-1 halo), so it never goes to device memory. grid.y = C.
+// cfg.fused: every block sums its channel's reduce partials itself
+// (tile 0 writes grad_beta / grad_gamma), and the last tile of a channel to finish (counted in
+// `counters`) sums the channel's grad_w partials into grad_w, in a fixed order; zero rows for
+// channels >= NY are written here too. So the backward is two launches. Otherwise grad_beta /
+// grad_gamma come from sum_rows_kernel and another sum_rows_kernel turns `part` into grad_w.
 template <typename scalar_t, typename acc_t, int K>
-__global__ void __launch_bounds__(kTileThreads) tiled_bwd_dx_dw_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ gout,
+__global__ void __launch_bounds__(kTileThreads, kTileMinBlocks) tiled_bwd_dx_dw_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ gout,
                                                                        const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
                                                                        const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                                                        const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
-                                                                       const acc_t* __restrict__ sum_g, const acc_t* __restrict__ sum_gy,
-                                                                       bool training, bool relu, scalar_t* __restrict__ grad_x,
-                                                                       acc_t* __restrict__ part) {
+                                                                       const acc_t* __restrict__ red_part, acc_t* grad_beta,
+                                                                       acc_t* grad_gamma, bool training, bool relu,
+                                                                       scalar_t* __restrict__ grad_x, acc_t* __restrict__ part,
+                                                                       unsigned* __restrict__ counters, acc_t* __restrict__ grad_w) {
   constexpr int P = K / 2, KK = K * K;
   GHOST_DYNAMIC_SMEM(acc_t, s);
-  __shared__ acc_t red[KK * kTileWarps];
+  __shared__ acc_t red[(KK > 3 ? KK : 3) * kTileWarps];  // block_sums<KK>, sum_partials<2>
   const Tile t = tile_of(g, cfg);
   const int H = static_cast<int>(g.H), W = static_cast<int>(g.W);
   const int per_plane = t.th * W, total = t.tp * per_plane;
@@ -643,6 +721,10 @@ __global__ void __launch_bounds__(kTileThreads) tiled_bwd_dx_dw_kernel(Geom g, L
     for (int q = threadIdx.x; q < total; q += kTileThreads) {
       const Out o = out_of(q, per_plane, W);
       gx[o.p * xsN + o.hl * xsH + o.w] = gid[o.p * osN + o.hl * osH + o.w];
+    }
+    if (cfg.fused && blockIdx.x == 0) {  // no sum_rows launch writes the zero rows
+      if (static_cast<int>(threadIdx.x) < KK) grad_w[static_cast<int64_t>(t.c) * KK + threadIdx.x] = acc_t(0);
+      if (threadIdx.x == 0) grad_beta[t.c] = grad_gamma[t.c] = acc_t(0);
     }
     return;
   }
@@ -656,8 +738,19 @@ __global__ void __launch_bounds__(kTileThreads) tiled_bwd_dx_dw_kernel(Geom g, L
   const acc_t m = mean[t.c], is = invstd[t.c], gm = gamma[t.c];
   acc_t scale, shift;
   bn_fold(m, is, gm, beta[t.c], scale, shift);
+  acc_t sums[2];  // sum(g), sum(g * yhat) of the channel
+  if (cfg.fused) {
+    sum_partials<2>(red_part, g.NY * cfg.G, t.c, cfg.G, sums, red);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      grad_beta[t.c] = sums[0];
+      grad_gamma[t.c] = sums[1];
+    }
+  } else {
+    sums[0] = grad_beta[t.c];
+    sums[1] = grad_gamma[t.c];
+  }
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(g.NHW);
-  const acc_t mean_g = sum_g[t.c] * inv_count, mean_gy = sum_gy[t.c] * inv_count;
+  const acc_t mean_g = sums[0] * inv_count, mean_gy = sums[1] * inv_count;
   stage_tile(g, t, 2 * P, x, xs);
   __syncthreads();
   const scalar_t* gc = gout + t.n0 * osN + (g.C + t.c) * osC;
@@ -693,6 +786,26 @@ __global__ void __launch_bounds__(kTileThreads) tiled_bwd_dx_dw_kernel(Geom g, L
   }
   const acc_t r = block_sums<KK>(tap, red);
   if (static_cast<int>(threadIdx.x) < KK) part[(static_cast<int64_t>(t.c) * KK + threadIdx.x) * cfg.G + blockIdx.x] = r;
+  if (!cfg.fused) return;
+  // The last tile of the channel to get here sums the G partials (the threadFenceReduction pattern of
+  // the CUDA samples): each writer fences its partial before thread 0 counts the tile done, and the
+  // last block reads the partials from L2. The summation order does not depend on which block is last.
+  __shared__ unsigned done_before;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) done_before = atomicAdd(&counters[t.c], 1u);
+  __syncthreads();
+  if (done_before != static_cast<unsigned>(cfg.G - 1)) return;  // block-uniform
+  __threadfence();
+  acc_t v[KK];
+#pragma unroll
+  for (int i = 0; i < KK; ++i) v[i] = acc_t(0);
+  const acc_t* row = part + static_cast<int64_t>(t.c) * KK * cfg.G;
+  for (int64_t j = threadIdx.x; j < cfg.G; j += kTileThreads)
+#pragma unroll
+    for (int i = 0; i < KK; ++i) v[i] += load_l2(row + i * cfg.G + j);
+  const acc_t total_w = block_sums<KK>(v, red);
+  if (static_cast<int>(threadIdx.x) < KK) grad_w[static_cast<int64_t>(t.c) * KK + threadIdx.x] = total_w;
 }
 
 // Calls f(std::integral_constant<int, K>) for the kernel sizes the tiled kernels are built for.
@@ -717,23 +830,27 @@ cudaError_t launch_forward(const Geom& g, const LaunchCfg& cfg, const scalar_t* 
                            const acc_t* gamma, const acc_t* beta, const acc_t* running_mean,
                            const acc_t* running_var, bool training, acc_t eps, bool relu, scalar_t* out,
                            acc_t* mean, acc_t* invstd, acc_t* var, acc_t* workspace, cudaStream_t stream) {
-  if (cfg.tiled) {  // training: stats -> finalize -> apply; eval: apply
+  if (cfg.tiled) {  // training: stats -> [finalize ->] apply (fused: apply merges the stats); eval: apply
     const auto G = static_cast<unsigned>(cfg.G);
     with_k(g.K, [&](auto k) {
       constexpr int K = decltype(k)::value;
+      const auto apply = &tiled_fwd_apply_kernel<scalar_t, acc_t, K>;
       if (training) {
         launch(&tiled_fwd_stats_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.C)), kTileThreads,
                cfg.smem_fwd, stream, g, cfg, x, w, out, workspace);
-        launch(&fwd_finalize_kernel<acc_t>, static_cast<unsigned>(g.C), kThreads, 0, stream, g.C, cfg.G, workspace, eps,
-               mean, invstd, var);
-        if (g.NY > 0)
-          launch(&tiled_fwd_apply_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.NY)), kTileThreads,
-                 cfg.smem_fwd, stream, g, cfg, x, w, true, mean, invstd, eps, gamma, beta, relu, out, nullptr, nullptr,
-                 nullptr);
+        if (cfg.fused) {
+          launch(apply, dim3(G, static_cast<unsigned>(g.C)), kTileThreads, cfg.smem_fwd, stream, g, cfg, x, w, true,
+                 static_cast<const acc_t*>(workspace), nullptr, nullptr, eps, gamma, beta, relu, out, mean, invstd, var);
+        } else {
+          launch(&fwd_finalize_kernel<acc_t>, static_cast<unsigned>(g.C), kThreads, 0, stream, g.C, cfg.G, workspace,
+                 eps, mean, invstd, var);
+          if (g.NY > 0)
+            launch(apply, dim3(G, static_cast<unsigned>(g.NY)), kTileThreads, cfg.smem_fwd, stream, g, cfg, x, w, true,
+                   nullptr, mean, invstd, eps, gamma, beta, relu, out, nullptr, nullptr, nullptr);
+        }
       } else {
-        launch(&tiled_fwd_apply_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.C)), kTileThreads,
-               cfg.smem_fwd, stream, g, cfg, x, w, false, running_mean, running_var, eps, gamma, beta, relu, out, mean,
-               invstd, var);
+        launch(apply, dim3(G, static_cast<unsigned>(g.C)), kTileThreads, cfg.smem_fwd, stream, g, cfg, x, w, false,
+               nullptr, running_mean, running_var, eps, gamma, beta, relu, out, mean, invstd, var);
       }
     });
     return cudaGetLastError();
@@ -759,21 +876,30 @@ cudaError_t launch_backward(const Geom& g, const LaunchCfg& cfg, const scalar_t*
                             const acc_t* invstd, bool training, bool relu, scalar_t* grad_x, acc_t* grad_w,
                             acc_t* grad_gamma, acc_t* grad_beta, acc_t* dy, acc_t* workspace, cudaStream_t stream) {
   const int64_t KK = static_cast<int64_t>(g.K) * g.K;
-  if (cfg.tiled) {  // reduce -> sums -> dx/dw (dy recomputed in shared memory) -> grad_w sums
+  if (cfg.tiled) {  // reduce -> [sums ->] dx/dw (dy recomputed in shared memory) [-> grad_w sums]
+    // Workspace (see backward_workspace): fused, the reduce partials, the grad_w partials and the tile
+    // counters side by side (dx/dw reads the first while it writes the second); else the grad_w
+    // partials reuse the reduce partials' space once sum_rows has consumed them.
     const auto G = static_cast<unsigned>(cfg.G);
+    acc_t* red_part = workspace;
+    acc_t* w_part = cfg.fused ? workspace + 2 * cfg.G * g.NY : workspace;
+    unsigned* counters = cfg.fused ? reinterpret_cast<unsigned*>(w_part + KK * cfg.G * g.NY) : nullptr;
     with_k(g.K, [&](auto k) {
       constexpr int K = decltype(k)::value;
       if (g.NY > 0)
         launch(&tiled_bwd_reduce_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.NY)), kTileThreads,
-               cfg.smem_fwd, stream, g, cfg, gout, x, w, mean, invstd, gamma, beta, relu, workspace);
-      launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C), 2), kThreads, 0, stream, cfg.G, g.NY, workspace,
-             g.NY * cfg.G, grad_beta, grad_gamma);
+               cfg.smem_fwd, stream, g, cfg, gout, x, w, mean, invstd, gamma, beta, relu, red_part, counters);
+      if (!cfg.fused)
+        launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C), 2), kThreads, 0, stream, cfg.G, g.NY, red_part,
+               g.NY * cfg.G, grad_beta, grad_gamma);
       launch(&tiled_bwd_dx_dw_kernel<scalar_t, acc_t, K>, dim3(G, static_cast<unsigned>(g.C)), kTileThreads,
-             cfg.smem_bwd, stream, g, cfg, gout, x, w, mean, invstd, gamma, beta, grad_beta, grad_gamma, training, relu,
-             grad_x, workspace);
+             cfg.smem_bwd, stream, g, cfg, gout, x, w, mean, invstd, gamma, beta,
+             static_cast<const acc_t*>(red_part), grad_beta, grad_gamma, training, relu, grad_x,
+             w_part, counters, grad_w);
     });
-    launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C * KK), 1), kThreads, 0, stream, cfg.G, g.NY * KK,
-           workspace, 0, grad_w, nullptr);
+    if (!cfg.fused)
+      launch(&sum_rows_kernel<acc_t>, dim3(static_cast<unsigned>(g.C * KK), 1), kThreads, 0, stream, cfg.G, g.NY * KK,
+             w_part, 0, grad_w, nullptr);
     return cudaGetLastError();
   }
   const dim3 block(cfg.bx, cfg.by);

@@ -30,9 +30,13 @@ namespace ghost {
 // channel groups. The halo is read through L1.
 //
 // Either way every per-channel reduction leaves one partial per (channel, tile or chunk) in a row of
-// length G, combined in a fixed order by a second kernel: no atomics, bitwise reproducible results.
+// length G, combined in a fixed order: bitwise reproducible results. Fused (tiled with G <=
+// kFusedMaxTiles): the kernel that needs a row merges it itself, so the training forward is two
+// launches and the backward two (plus one tile counter per channel, see ghost_cuda.cu); otherwise a
+// small kernel merges each set of rows (forward three launches, backward four).
 struct LaunchCfg {
   bool tiled;
+  bool fused;
   int bx, by, iters;  // generic kernels
   int th, tp;         // tiled kernels: rows per tile, planes per tile
   int64_t bands;      // tiled: tiles down a plane (ceil(H / th))
@@ -42,6 +46,10 @@ struct LaunchCfg {
 };
 
 constexpr int kTileThreads = 256;
+// Up to this many tiles per channel, each consumer block merges its channel's partial row itself:
+// 3 * 64 loads from L2 against the 2048-output tile it computes, and a launch (~2-4 us) saved.
+// Longer rows (big maps: kernels of hundreds of microseconds) keep the merging kernels.
+constexpr int64_t kFusedMaxTiles = 64;
 constexpr int64_t kTileSmemLimit = 44 * 1024;  // under the 48 KB default per-block limit (no opt-in), leaving room for static smem
 
 inline int64_t tile_smem_forward(int64_t tp, int64_t th, int64_t W, int P, int64_t acc_bytes) {
@@ -51,7 +59,8 @@ inline int64_t tile_smem_backward(int64_t tp, int64_t th, int64_t W, int P, int6
   return tp * ((th + 4 * P) * (W + 4 * P) + (th + 2 * P) * (W + 2 * P)) * acc_bytes;  // x + 2P halo, dy + P halo
 }
 
-inline LaunchCfg make_cfg(const Geom& g, bool channels_last, int64_t acc_bytes, bool allow_tiled = true) {
+inline LaunchCfg make_cfg(const Geom& g, bool channels_last, int64_t acc_bytes, bool allow_tiled = true,
+                          int64_t fused_max_tiles = kFusedMaxTiles) {
   LaunchCfg c{};
   const bool k_ok = g.K == 1 || g.K == 3 || g.K == 5 || g.K == 7;
   const bool fits32 = g.N * (g.C + g.OC) * g.HW < (int64_t(1) << 31) && g.C <= 65535;
@@ -75,7 +84,10 @@ inline LaunchCfg make_cfg(const Geom& g, bool channels_last, int64_t acc_bytes, 
       c.smem_bwd = sb;
       if (G * g.C >= 1024) break;
     }
-    if (c.tiled) return c;
+    if (c.tiled) {
+      c.fused = c.G <= fused_max_tiles;
+      return c;
+    }
   }
   c.bx = 1;
   if (channels_last) {
@@ -111,6 +123,7 @@ cudaError_t launch_backward(const Geom& g, const LaunchCfg& cfg, const scalar_t*
 inline int64_t forward_workspace(const Geom& g, const LaunchCfg& cfg) { return 3 * cfg.G * g.C; }
 inline int64_t backward_workspace(const Geom& g, const LaunchCfg& cfg) {
   const int64_t a = 2 * cfg.G * g.NY, b = static_cast<int64_t>(g.K) * g.K * cfg.G * g.NY;
+  if (cfg.fused) return a + b + g.NY;  // side by side, then NY tile counters (unsigned, 4 bytes <= acc_t)
   return a > b ? a : b;
 }
 

@@ -53,6 +53,17 @@ bool tiles_enabled() {
   return on;
 }
 
+// The most tiles per channel for which the tiled kernels merge their partials in-kernel (see
+// ghost_cuda.h); GHOST_CUDA_FUSED_MAX_TILES in the environment overrides it (0: never, for A/B
+// timing in gpu_check.sh). A reference so that the emulator tests can set it.
+int64_t& fused_max_tiles() {
+  static int64_t v = [] {
+    const char* e = std::getenv("GHOST_CUDA_FUSED_MAX_TILES");
+    return e != nullptr ? std::strtoll(e, nullptr, 10) : kFusedMaxTiles;
+  }();
+  return v;
+}
+
 void check_cuda(const Tensor& x, const Tensor& weight) {
   TORCH_CHECK(x.is_cuda() == kOnGpu, "ghost_concat (CUDA): x must be a CUDA tensor");
   TORCH_CHECK(weight.size(2) <= kMaxK, "ghost_concat (CUDA): kernel size ", weight.size(2),
@@ -94,7 +105,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cuda(
     return {out, mean, invstd, var};
   }
   const Geom g = make_geom(x, out, K, out_channels);
-  const LaunchCfg cfg = make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(acc), tiles_enabled());
+  const LaunchCfg cfg =
+      make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(acc), tiles_enabled(), fused_max_tiles());
   Tensor ws = fresh(at::empty({training ? forward_workspace(g, cfg) : 0}, sopt));
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_cuda", [&] {
@@ -141,7 +153,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_backward_cuda(
   Tensor gg = fresh(at::empty({C}, sopt));
   Tensor gb = fresh(at::empty({C}, sopt));
   const Geom g = make_geom(x, gout, K, out_channels);
-  const LaunchCfg cfg = make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(acc), tiles_enabled());
+  const LaunchCfg cfg =
+      make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(acc), tiles_enabled(), fused_max_tiles());
   // dy in x's exact strides (x is dense in fmt here), float32 for the half types; the tiled kernels
   // keep dy in shared memory and need none
   Tensor dy = fresh(cfg.tiled ? at::empty({0}, sopt) : at::empty(x.sizes(), sopt.memory_format(fmt)));

@@ -12,9 +12,11 @@ pybind11::dict launch_config(const at::Tensor& x, int64_t k, int64_t out_channel
   const auto fmt = ghost::out_format(x);
   const at::Tensor out = at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options().memory_format(fmt));
   const ghost::Geom g = ghost::make_geom(x.contiguous(fmt), out, static_cast<int>(k), out_channels);
-  const ghost::LaunchCfg c = ghost::make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(ghost::acc_type(x)));
+  const ghost::LaunchCfg c = ghost::make_cfg(g, fmt == at::MemoryFormat::ChannelsLast,
+                                             c10::elementSize(ghost::acc_type(x)), true, ghost::fused_max_tiles());
   pybind11::dict d;
   d["tiled"] = c.tiled;
+  d["fused"] = c.fused;
   d["th"] = c.th;
   d["tp"] = c.tp;
   d["bands"] = c.bands;
@@ -26,6 +28,9 @@ pybind11::dict launch_config(const at::Tensor& x, int64_t k, int64_t out_channel
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_config", &launch_config, "make_cfg's choice for a tensor");
+  m.def("set_fused_max_tiles", [](int64_t v) { ghost::fused_max_tiles() = v; },
+        "the most tiles per channel for the fused (in-kernel merge) path; 0 turns it off");
+  m.def("get_fused_max_tiles", [] { return ghost::fused_max_tiles(); });
   m.def("forward", &ghost::ghost_concat_cuda, "ghost_concat on the emulated GPU (CPU tensors)");
   m.def("backward", &ghost::ghost_concat_backward_cuda, "ghost_concat_backward on the emulated GPU");
 }
