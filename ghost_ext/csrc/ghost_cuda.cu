@@ -425,10 +425,15 @@ __global__ void __launch_bounds__(kThreads) bwd_dx_dw_kernel(Geom g, int iters, 
 // memory holds acc_t, so every tap is read in the accumulation type once staged.
 
 constexpr int kTileWarps = kTileThreads / 32;
-// The apply and dx/dw kernels ask for 5 resident blocks per SM (48 registers a thread: what they used
-// before they merged partials; ptxas reports no spills for k = 3, GhostNet's only cheap kernel size,
-// and a few bytes for k = 5, 7). Unmeasured on a GPU: revisit with benchmarks/profile_op.py.
+// For k <= 3 in float (GhostNet's cheap kernels), the apply and dx/dw kernels ask for 5 resident blocks
+// per SM: 48 registers a thread, what they used before they merged partials, and ptxas reports no
+// spills there. Larger k and double keep their registers (a cap spilled kilobytes there). Unmeasured on
+// a GPU: revisit with benchmarks/profile_op.py.
 constexpr int kTileMinBlocks = 5;
+template <typename acc_t, int K>
+constexpr int tile_min_blocks() {
+  return K <= 3 && sizeof(acc_t) == 4 ? kTileMinBlocks : 1;
+}
 static_assert(kTileThreads == kThreads, "block_moments and merge_partials assume one block size");
 
 struct Tile {  // the part of the tensor one block owns
@@ -593,7 +598,7 @@ __global__ void __launch_bounds__(kTileThreads) tiled_fwd_stats_kernel(Geom g, L
 // invstd) from fwd_finalize_kernel, grid.y = NY. Eval: stats = (running_mean, running_var) folded
 // here, grid.y = C, and this kernel also writes the identity half and the op's (mean, invstd, var).
 template <typename scalar_t, typename acc_t, int K>
-__global__ void __launch_bounds__(kTileThreads, kTileMinBlocks) tiled_fwd_apply_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ x,
+__global__ void __launch_bounds__(kTileThreads, (tile_min_blocks<acc_t, K>())) tiled_fwd_apply_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ x,
                                                                        const acc_t* __restrict__ w, bool training,
                                                                        const acc_t* __restrict__ part,
                                                                        const acc_t* __restrict__ stat0, const acc_t* __restrict__ stat1,
@@ -609,6 +614,7 @@ __global__ void __launch_bounds__(kTileThreads, kTileMinBlocks) tiled_fwd_apply_
   const int osN = static_cast<int>(g.osN), osH = static_cast<int>(g.osH);
   acc_t m, is;
   if (part != nullptr) {
+    if (t.c >= g.NY && blockIdx.x != 0) return;  // block-uniform: only tile 0 writes this channel's stats
     __shared__ acc_t red[kBlockMomentsSmem];
     const Stats<acc_t> st = stats_of(merge_partials(part, g.C * cfg.G, t.c, cfg.G, red), eps);
     m = st.mean;
@@ -699,7 +705,7 @@ __global__ void __launch_bounds__(kTileThreads) tiled_bwd_reduce_kernel(Geom g, 
 // channels >= NY are written here too. So the backward is two launches. Otherwise grad_beta /
 // grad_gamma come from sum_rows_kernel and another sum_rows_kernel turns `part` into grad_w.
 template <typename scalar_t, typename acc_t, int K>
-__global__ void __launch_bounds__(kTileThreads, kTileMinBlocks) tiled_bwd_dx_dw_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ gout,
+__global__ void __launch_bounds__(kTileThreads, (tile_min_blocks<acc_t, K>())) tiled_bwd_dx_dw_kernel(Geom g, LaunchCfg cfg, const scalar_t* __restrict__ gout,
                                                                        const scalar_t* __restrict__ x, const acc_t* __restrict__ w,
                                                                        const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                                                                        const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
@@ -791,7 +797,7 @@ __global__ void __launch_bounds__(kTileThreads, kTileMinBlocks) tiled_bwd_dx_dw_
   // the CUDA samples): each writer fences its partial before thread 0 counts the tile done, and the
   // last block reads the partials from L2. The summation order does not depend on which block is last.
   __shared__ unsigned done_before;
-  __threadfence();
+  if (static_cast<int>(threadIdx.x) < KK) __threadfence();  // the writers of the partials
   __syncthreads();
   if (threadIdx.x == 0) done_before = atomicAdd(&counters[t.c], 1u);
   __syncthreads();
