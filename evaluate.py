@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import augment
 import data
 import model as M
 
@@ -168,7 +169,7 @@ def run_split(net: torch.nn.Module, decoded: "data.Decoded", prep: "data.Preproc
               batch_size: int = 64, tta: bool = False) -> torch.Tensor:
     """Class probabilities (N, K) in decoded order; --tta averages them with the mirrored image's."""
     loader = data.BatchLoader(decoded, batch_size, shuffle=False, drop_last=False, device=device)
-    transform = data.BatchTransform(prep, None, None)
+    transform = augment.BatchTransform(prep, None, None)
     from tqdm import tqdm
     probs = []
     for images, _ in tqdm(loader, desc="evaluate", leave=False, file=sys.stderr):

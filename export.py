@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+import augment
 import data
 import model as M
 
@@ -252,7 +253,7 @@ def verify_inputs(prep_dict: dict[str, Any], images: list[str], count: int, seed
         u8 = nn.functional.interpolate(low, size=(prep.img_size, prep.img_size), mode="bilinear",
                                        align_corners=False).round().clamp(0, 255).to(torch.uint8)
         what = f"{count} synthetic images"
-    x = data.BatchTransform(prep, None, None)(u8, train=False)
+    x = augment.BatchTransform(prep, None, None)(u8, train=False)
     return x.float().contiguous(), what
 
 

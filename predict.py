@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+import augment
 import data
 import model as M
 from evaluate import pick_device
@@ -126,7 +127,7 @@ def predict_files(paths: Iterator[tuple[str, str | None]], probs_fn: Callable, c
                   batch_size: int = 32, on_result: Callable | None = None,
                   on_error: Callable | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decode in chunks (memory stays flat for big folders), predict, report each result as it comes."""
-    transform = data.BatchTransform(prep, None, None)
+    transform = augment.BatchTransform(prep, None, None)
     k = min(topk, len(class_names))
     results: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from augment import BatchTransform, add_augment_args, augment_from_args
 from evaluate import cpu_name, pick_device
 from model import ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint
 
@@ -156,7 +157,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and batches")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
-    data.add_data_args(p)  # --augment/--erase and their parameters, --grayscale, --crop-bbox, --val-split, ...
+    data.add_data_args(p)  # --grayscale, --crop-bbox, --val-split, --cache-dir, ...
+    add_augment_args(p)  # --augment/--erase and their parameters
 
     # hidden options for tests and debugging
     p.add_argument("--limit-train", type=int, default=None, help=argparse.SUPPRESS)  # seeded subset of train
@@ -456,7 +458,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         saved["resume"] = args.resume
         args = argparse.Namespace(**{**vars(args), **saved})
     check_options(args)
-    augment, erase = data.augment_from_args(args)  # unknown augmentation names fail here, before decoding
+    augment, erase = augment_from_args(args)  # unknown augmentation names fail here, before decoding
     prep = data.preprocess_from_args(args)
 
     # ---- several processes (torchrun) or one; the device
@@ -553,7 +555,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                                     device=device, seed=args.seed, rank=rank, world_size=world)
     val_loader = data.BatchLoader(val_data, args.batch_size, shuffle=False, drop_last=False, device=device,
                                   seed=args.seed, rank=rank, world_size=world)
-    transform = data.BatchTransform(prep, augment, erase)
+    transform = BatchTransform(prep, augment, erase)
     num_classes = len(spec.class_names)
 
     # ---- model, optimizer, schedule

@@ -33,6 +33,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import augment  # noqa: E402
 import data  # noqa: E402
 from evaluate import cpu_name  # noqa: E402
 
@@ -116,7 +117,7 @@ def run_set(name: str, records, args, cache_root: Path) -> dict:
                                      persistent_workers=True)
     res["plain"] = measure(lambda: iter(dl), args.min_images, args.min_seconds, args.max_seconds)
     del dl
-    # (b) data.py: cache build (one-off), then cache read + BatchLoader + BatchTransform
+    # (b) data.py + augment.py: cache build (one-off), then cache read + BatchLoader + BatchTransform
     prep = data.Preprocess(img_size=size)
     t = time.perf_counter()
     dec = data.decode_cached(records, prep, cache_root / name, desc=name)
@@ -125,7 +126,7 @@ def run_set(name: str, records, args, cache_root: Path) -> dict:
     dec = data.decode_cached(records, prep, cache_root / name, desc=name)
     res["cache_open_s"] = round(time.perf_counter() - t, 3)
     loader = data.BatchLoader(dec, bs, shuffle=True, drop_last=True, device="cpu", seed=0)
-    bt = data.BatchTransform(prep, list(data.DEFAULT_AUGMENT), None)
+    bt = augment.BatchTransform(prep, list(augment.DEFAULT_AUGMENT), None)
     g = torch.Generator().manual_seed(0)
     state = {"epoch": 0}
 

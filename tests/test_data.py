@@ -1,4 +1,5 @@
-"""data.py: layouts, splits, decode-once cache, bad images, loaders, batched augmentation vs torchvision."""
+"""data.py (layouts, splits, decode-once cache, bad images, loaders) and augment.py (batched augmentation vs
+torchvision)."""
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+import augment
 import data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -476,12 +478,12 @@ def _close_nearest(a, b, frac=0.005):
 def test_flip_affine_rotation_match_torchvision():
     x = _imgs()
     B, C, H, W = x.shape
-    bt = data.BatchTransform(data.Preprocess(), {"flip": {}, "affine": {}, "rotation": {}})
+    bt = augment.BatchTransform(data.Preprocess(), {"flip": {}, "affine": {}, "rotation": {}})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(1))
     assert p["flip"].any() and not p["flip"].all()
     for op in ("flip", "affine", "rotation"):
         M = bt.matrices({op: p[op]}, B, H, W)
-        out = data.warp(x, M, "nearest")
+        out = augment.warp(x, M, "nearest")
         for k in range(B):
             if op == "flip":
                 ref = TF.horizontal_flip(x[k]) if p["flip"][k] else x[k]
@@ -496,9 +498,9 @@ def test_flip_affine_rotation_match_torchvision():
                 ref = TF.rotate(x[k], p["rotation"][k].item(), fill=0)
                 _close_nearest(out[k:k + 1], ref[None])
     # bilinear, with a 4-value shear, and flip composed into the same matrix
-    bt = data.BatchTransform(data.Preprocess(), {"flip": {"p": 1.0}, "affine": {"shear": (-5, 5, -3, 3)}})
+    bt = augment.BatchTransform(data.Preprocess(), {"flip": {"p": 1.0}, "affine": {"shear": (-5, 5, -3, 3)}})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(2))
-    out = data.warp(x, bt.matrices(p, B, H, W), "bilinear")
+    out = augment.warp(x, bt.matrices(p, B, H, W), "bilinear")
     for k in range(B):
         a, tx, ty, s, shx, shy = p["affine"][k].tolist()
         ref = TF.affine(TF.horizontal_flip(x[k]), angle=a, translate=[int(tx), int(ty)], scale=s,
@@ -509,9 +511,9 @@ def test_flip_affine_rotation_match_torchvision():
 def test_perspective_and_resized_crop_match_torchvision():
     x = _imgs(B=5)
     B, C, H, W = x.shape
-    bt = data.BatchTransform(data.Preprocess(), {"perspective": {"p": 1.0}, "resized_crop": {}})
+    bt = augment.BatchTransform(data.Preprocess(), {"perspective": {"p": 1.0}, "resized_crop": {}})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(3))
-    out = data.warp(x, bt.matrices({"perspective": p["perspective"]}, B, H, W), "bilinear")
+    out = augment.warp(x, bt.matrices({"perspective": p["perspective"]}, B, H, W), "bilinear")
     for k in range(B):
         ref = TF.perspective(x[k], None, None, coefficients=p["perspective"][k].tolist(), fill=0)
         torch.testing.assert_close(out[k], ref, atol=2e-4, rtol=0)
@@ -519,11 +521,11 @@ def test_perspective_and_resized_crop_match_torchvision():
     start = [[0, 0], [W - 1, 0], [W - 1, H - 1], [0, H - 1]]
     end = [[3, 2], [W - 5, 1], [W - 2, H - 4], [1, H - 2]]
     from torchvision.transforms.functional import _get_perspective_coeffs
-    mine = data.perspective_coefficients(torch.tensor([start]), torch.tensor([end]))[0]
+    mine = augment.perspective_coefficients(torch.tensor([start]), torch.tensor([end]))[0]
     torch.testing.assert_close(mine, torch.tensor(_get_perspective_coeffs(start, end)), atol=1e-5, rtol=1e-5)
     crop = p["resized_crop"]
     eye = torch.eye(3, dtype=torch.float64).repeat(B, 1, 1)
-    out = data.warp(x, eye, "bilinear", crop)
+    out = augment.warp(x, eye, "bilinear", crop)
     for k in range(B):
         t, l, h, w = crop[k].tolist()
         assert 0 <= t and t + h <= H and 0 <= l and l + w <= W
@@ -539,8 +541,8 @@ def test_color_ops_match_torchvision(C):
     f = torch.rand(B, generator=g) * 1.2 + 0.2
     hue = torch.rand(B, generator=g) - 0.5
     hue[0], hue[1] = 0.5, -0.5
-    pairs = [(data.adjust_brightness, TF.adjust_brightness, f), (data.adjust_contrast, TF.adjust_contrast, f),
-             (data.adjust_saturation, TF.adjust_saturation, f), (data.adjust_hue, TF.adjust_hue, hue)]
+    pairs = [(augment.adjust_brightness, TF.adjust_brightness, f), (augment.adjust_contrast, TF.adjust_contrast, f),
+             (augment.adjust_saturation, TF.adjust_saturation, f), (augment.adjust_hue, TF.adjust_hue, hue)]
     gray_px = x.clone()
     if C == 3:
         gray_px[:, :, :3, :3] = 0.5  # r == g == b: hue undefined, must stay gray
@@ -554,12 +556,12 @@ def test_color_ops_match_torchvision(C):
 def test_color_jitter_per_sample_order_and_defaults():
     x = _imgs(B=16)
     B, C, H, W = x.shape
-    bt = data.BatchTransform(data.Preprocess(), ["jitter"])
+    bt = augment.BatchTransform(data.Preprocess(), ["jitter"])
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(5))
     fac, order = p["jitter"], p["jitter_order"]
     assert ((fac[:, :3] >= 0.8) & (fac[:, :3] <= 1.2)).all() and (fac[:, 3].abs() <= 0.1).all()
     assert len({tuple(o) for o in order.tolist()}) > 4  # a random order per sample
-    out = data.color_jitter(x, fac, order)
+    out = augment.color_jitter(x, fac, order)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for k in range(B):
         ref = x[k]
@@ -567,7 +569,7 @@ def test_color_jitter_per_sample_order_and_defaults():
             ref = fns[op](ref, fac[k, op].item())
         torch.testing.assert_close(out[k], ref, atol=5e-5, rtol=0)
     # the vectorised path (used on accelerators) gives the same result as the CPU per-image path
-    torch.testing.assert_close(data.color_jitter(x, fac, order, per_image=False), out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.color_jitter(x, fac, order, per_image=False), out, atol=1e-6, rtol=0)
 
 
 @pytest.mark.cuda
@@ -578,7 +580,7 @@ def test_cuda_pipeline_matches_cpu():
     u8 = (_imgs(B=n, H=64, W=64) * 255).round().to(torch.uint8)
     dec = data.Decoded(u8.numpy(), torch.arange(n), [str(i) for i in range(n)])
     loader = data.BatchLoader(dec, 16, shuffle=True, drop_last=False, device="cuda", seed=1)
-    bt = data.BatchTransform(data.Preprocess(img_size=64), list(data.AUG_NAMES), {})
+    bt = augment.BatchTransform(data.Preprocess(img_size=64), list(augment.AUG_NAMES), {})
     for x, y in loader:
         assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8
         gpu = bt(x, True, torch.Generator().manual_seed(int(y[0])))
@@ -590,7 +592,7 @@ def test_cuda_pipeline_matches_cpu():
     f, o = torch.rand(8, 4) * 0.2 + 0.9, torch.stack([torch.randperm(4) for _ in range(8)])
     f[:, 3] -= 1.0
     xs = _imgs(B=8)
-    torch.testing.assert_close(data.color_jitter(xs.cuda(), f.cuda(), o).cpu(), data.color_jitter(xs, f, o),
+    torch.testing.assert_close(augment.color_jitter(xs.cuda(), f.cuda(), o).cpu(), augment.color_jitter(xs, f, o),
                                atol=1e-5, rtol=0)
 
 
@@ -598,9 +600,9 @@ def test_erase_matches_torchvision_and_whole_transform():
     x = _imgs(B=8)
     B, C, H, W = x.shape
     prep = data.Preprocess()
-    bt = data.BatchTransform(prep, None, {"p": 0.7})
+    bt = augment.BatchTransform(prep, None, {"p": 0.7})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(6))
-    out = data.erase(x, p["erase"], 0.0)
+    out = augment.erase(x, p["erase"], 0.0)
     assert (p["erase"][:, 2] > 0).any() and (p["erase"][:, 2] == 0).any()
     for k in range(B):
         i, j, h, w = p["erase"][k].tolist()
@@ -612,7 +614,7 @@ def test_erase_matches_torchvision_and_whole_transform():
     ref = TF.normalize(u8.float() / 255, list(prep.mean), list(prep.std))
     torch.testing.assert_close(ev, ref, atol=1e-5, rtol=0)
     # reference augmentations: reproducible from the generator, different without
-    full = data.BatchTransform(prep, list(data.DEFAULT_AUGMENT), {})
+    full = augment.BatchTransform(prep, list(augment.DEFAULT_AUGMENT), {})
     a = full(u8, True, torch.Generator().manual_seed(7))
     b = full(u8, True, torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.dtype == torch.float32 and a.shape == u8.shape
@@ -621,7 +623,7 @@ def test_erase_matches_torchvision_and_whole_transform():
     full.cpu_chunk = B
     torch.testing.assert_close(full(u8, True, torch.Generator().manual_seed(7)), a, atol=1e-5, rtol=0)
     # grayscale batches and no normalization
-    gray = data.BatchTransform(data.Preprocess(grayscale=True, normalize=False), list(data.AUG_NAMES), {})
+    gray = augment.BatchTransform(data.Preprocess(grayscale=True, normalize=False), list(augment.AUG_NAMES), {})
     y = gray(u8[:, :1], True, torch.Generator().manual_seed(9))
     assert y.shape == (B, 1, H, W) and 0 <= y.min() and y.max() <= 1
 
@@ -633,19 +635,20 @@ def test_args_preprocess_and_augment_dicts():
     import argparse
     ap = argparse.ArgumentParser()
     data.add_data_args(ap)
+    augment.add_augment_args(ap)
     args = ap.parse_args([])
-    aug, er = data.augment_from_args(args)
+    aug, er = augment.augment_from_args(args)
     assert list(aug) == ["flip", "affine", "jitter"] and er is None
     assert aug["affine"]["degrees"] == 25 and aug["affine"]["translate"] == (0.1, 0.1)
     assert aug["affine"]["scale"] == (0.9, 1.1) and aug["affine"]["shear"] == 8
     assert aug["jitter"] == {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1}
-    assert aug["flip"] == {"p": 0.5} and data.BatchTransform(data.Preprocess(), aug).mode == "nearest"
+    assert aug["flip"] == {"p": 0.5} and augment.BatchTransform(data.Preprocess(), aug).mode == "nearest"
     json.dumps(aug)
-    assert data.augment_from_args(ap.parse_args(["--augment", "none"]))[0] is None
-    aug, er = data.augment_from_args(ap.parse_args(["--augment", "perspective", "resized_crop", "--erase"]))
-    assert data.BatchTransform(data.Preprocess(), aug, er).mode == "bilinear" and er["p"] == 0.5
+    assert augment.augment_from_args(ap.parse_args(["--augment", "none"]))[0] is None
+    aug, er = augment.augment_from_args(ap.parse_args(["--augment", "perspective", "resized_crop", "--erase"]))
+    assert augment.BatchTransform(data.Preprocess(), aug, er).mode == "bilinear" and er["p"] == 0.5
     with pytest.raises(data.DataError, match="unknown augmentation 'blur'"):
-        data.augment_from_args(ap.parse_args(["--augment", "flip", "blur"]))
+        augment.augment_from_args(ap.parse_args(["--augment", "flip", "blur"]))
     prep = data.preprocess_from_args(ap.parse_args([]))
     assert prep == data.Preprocess() and prep.mean == (0.4707, 0.4602, 0.455) and prep.img_size == 227
     assert data.Preprocess.from_dict(prep.to_dict()) == prep
@@ -701,17 +704,17 @@ def test_real_data_decodes_with_bbox_crop(real_data, tmp_path):
     assert dec.images.shape == (40, 3, 32, 32) and not dec.skipped
 
 
-@pytest.mark.parametrize("augment", [None, ["flip", "affine", "jitter"]], ids=["eval", "augment"])
-def test_batch_transform_thread_pool_under_inference_mode(augment):
+@pytest.mark.parametrize("names", [None, ["flip", "affine", "jitter"]], ids=["eval", "augment"])
+def test_batch_transform_thread_pool_under_inference_mode(names):
     """Regression: evaluate.py transforms under torch.inference_mode, and the CPU pool's threads do not
     inherit that thread-local mode, so with 2+ threads and several chunks their in-place writes into the
     (inference) output tensor raised "Inplace update to inference tensor outside InferenceMode"."""
     u8 = (_imgs(B=12, H=32, W=32) * 255).round().to(torch.uint8)
-    bt = data.BatchTransform(data.Preprocess(img_size=32), augment)
+    bt = augment.BatchTransform(data.Preprocess(img_size=32), names)
     bt.threads = 2  # 12 images = 3 chunks of 4 on 2 pool threads
-    want = bt(u8, train=augment is not None, generator=torch.Generator().manual_seed(0))
+    want = bt(u8, train=names is not None, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        got = bt(u8, train=augment is not None, generator=torch.Generator().manual_seed(0))
+        got = bt(u8, train=names is not None, generator=torch.Generator().manual_seed(0))
     assert got.is_inference()
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     with torch.no_grad():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import augment
 import data
 import evaluate
 import model as M
@@ -191,7 +192,7 @@ def test_tta_averages_flipped(ckpt, demo, tmp_path):
     net = M.fuse_for_inference(M.model_from_checkpoint(c))
     row = read_predictions(tmp_path / "predictions.csv")[0]
     img = data.load_image(str(Path(data.find_dataset(demo).root) / row["file"]), prep)
-    x = data.BatchTransform(prep, None, None)(img[None], train=False)
+    x = augment.BatchTransform(prep, None, None)(img[None], train=False)
     with torch.no_grad():
         p = (net(x).softmax(1) + net(x.flip(3)).softmax(1)) / 2
     assert float(row["probability"]) == pytest.approx(p.max().item(), abs=1e-4)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import augment
 import data
 import export
 import model as M
@@ -61,7 +62,7 @@ def make_checkpoint(path: Path, arch: str, image_dir: Path, width: float = 1.0) 
     prep = data.Preprocess(img_size=IMG)
     files = sorted(image_dir.iterdir())
     u8 = torch.stack([data.load_image(str(f), prep) for f in files])
-    x = data.BatchTransform(prep, None, None)(u8, train=False)
+    x = augment.BatchTransform(prep, None, None)(u8, train=False)
     y = torch.arange(len(x)) % len(CLASSES)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     net.train()

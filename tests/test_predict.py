@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
 import data
 import model as M
 import predict
@@ -96,7 +97,7 @@ def test_json_matches_model(ckpt, good, capsys):
     # identical to the unfused checkpoint model fed by load_image (the training preprocessing)
     c = M.load_checkpoint(ckpt)
     prep = data.Preprocess.from_dict(c["preprocess"])
-    x = data.BatchTransform(prep, None, None)(data.load_image(str(good), prep)[None], train=False)
+    x = augment.BatchTransform(prep, None, None)(data.load_image(str(good), prep)[None], train=False)
     with torch.no_grad():
         p = M.model_from_checkpoint(c)(x).softmax(1)[0]
     assert [t["index"] for t in top] == p.topk(3).indices.tolist()
