@@ -343,8 +343,9 @@ def _effect(r: dict, rows: list[dict], sd: float | None) -> str:
     if base is None or r.get("test_top1") is None or base.get("test_top1") is None:
         return "–"
     d = 100 * (r["test_top1"] - base["test_top1"])
-    word = "within noise" if sd is not None and abs(d) < 2 * sd else ("helps" if d > 0 else "hurts")
-    return f"{d:+.2f} ({word})"
+    if sd is None:  # without the (d)+(f) seed repeats the noise is unknown: a sign alone says nothing
+        return f"{d:+.2f} (noise unknown: no seed repeats)"
+    return f"{d:+.2f} ({'within noise' if abs(d) < 2 * sd else ('helps' if d > 0 else 'hurts')})"
 
 
 def _sec(s) -> str:

@@ -188,3 +188,13 @@ def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
     assert rec["train_rc"] == 0 and rec["train_sessions"] == 2 and rec["eval_rc"] == 0
     assert f"train.py --resume {run}" in (run / "train.log").read_text()
     assert len(X.read_metrics_csv(run / "metrics.csv")) == 2
+
+
+def test_effect_label_needs_the_seed_spread():
+    """A ladder step's effect is judged against the (d)+(f) seed spread; without those runs (a campaign of
+    only (a)-(c)) it said "hurts" for a -0.06 point change, which no one can tell from noise."""
+    rows = [{"name": "a_c1_plain", "test_top1": 0.0133}, {"name": "b_c3_smooth_norm", "test_top1": 0.0128}]
+    assert X._effect(rows[1], rows, None) == "-0.05 (noise unknown: no seed repeats)"
+    assert X._effect(rows[1], rows, 0.53) == "-0.05 (within noise)"
+    assert X._effect(rows[1], rows, 0.01) == "-0.05 (hurts)"
+    assert X._effect(rows[0], rows, 0.53) == "–"
