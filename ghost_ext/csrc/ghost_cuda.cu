@@ -518,25 +518,7 @@ __device__ acc_t block_sums(acc_t (&v)[M], acc_t* red) {
   return r;
 }
 
-// Row `row` of M sets of partial sums, part[i * set_stride + row * G + j] (j < G), summed in a fixed
-// order; every thread gets the M sums. red: (M + 1) * kTileWarps elements of shared memory.
-template <int M, typename acc_t>
-__device__ void sum_partials(const acc_t* __restrict__ part, int64_t set_stride, int64_t row, int64_t G, acc_t (&out)[M],
-                             acc_t* red) {
-  acc_t v[M];
-#pragma unroll
-  for (int i = 0; i < M; ++i) v[i] = acc_t(0);
-  for (int64_t j = threadIdx.x; j < G; j += kTileThreads)
-#pragma unroll
-    for (int i = 0; i < M; ++i) v[i] += part[i * set_stride + row * G + j];
-  const acc_t r = block_sums<M>(v, red);
-  if (static_cast<int>(threadIdx.x) < M) red[M * kTileWarps + threadIdx.x] = r;
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < M; ++i) out[i] = red[M * kTileWarps + i];
-}
-
-// A load from L2, past this SM's L1: for partials other blocks wrote during this launch.
+// A load from L2, past this SM's L1: for partials other blocks may have written during this launch.
 template <typename T>
 __device__ __forceinline__ T load_l2(const T* p) {
 #if defined(GHOST_CUDA_EMULATE)
@@ -544,6 +526,19 @@ __device__ __forceinline__ T load_l2(const T* p) {
 #else
   return __ldcg(p);
 #endif
+}
+
+// M rows of G partial sums, rows[i * row_stride + j], each summed over j in a fixed order; thread
+// tid < M gets row tid's sum. red: M * kTileWarps elements of shared memory (block_sums).
+template <int M, typename acc_t>
+__device__ acc_t sum_rows_in_block(const acc_t* __restrict__ rows, int64_t row_stride, int64_t G, acc_t* red) {
+  acc_t v[M];
+#pragma unroll
+  for (int i = 0; i < M; ++i) v[i] = acc_t(0);
+  for (int64_t j = threadIdx.x; j < G; j += kTileThreads)
+#pragma unroll
+    for (int i = 0; i < M; ++i) v[i] += load_l2(rows + i * row_stride + j);
+  return block_sums<M>(v, red);
 }
 
 // Training forward, pass 1: Welford partials of the depthwise output per (channel, tile) in
@@ -715,7 +710,7 @@ __global__ void __launch_bounds__(kTileThreads, (tile_min_blocks<acc_t, K>())) t
                                                                        unsigned* __restrict__ counters, acc_t* __restrict__ grad_w) {
   constexpr int P = K / 2, KK = K * K;
   GHOST_DYNAMIC_SMEM(acc_t, s);
-  __shared__ acc_t red[(KK > 3 ? KK : 3) * kTileWarps];  // block_sums<KK>, sum_partials<2>
+  __shared__ acc_t red[(KK > 3 ? KK : 3) * kTileWarps];  // block_sums<KK>; sum_rows_in_block<2> + 2 sums
   const Tile t = tile_of(g, cfg);
   const int H = static_cast<int>(g.H), W = static_cast<int>(g.W);
   const int per_plane = t.th * W, total = t.tp * per_plane;
@@ -746,7 +741,11 @@ __global__ void __launch_bounds__(kTileThreads, (tile_min_blocks<acc_t, K>())) t
   bn_fold(m, is, gm, beta[t.c], scale, shift);
   acc_t sums[2];  // sum(g), sum(g * yhat) of the channel
   if (cfg.fused) {
-    sum_partials<2>(red_part, g.NY * cfg.G, t.c, cfg.G, sums, red);
+    const acc_t r = sum_rows_in_block<2>(red_part + static_cast<int64_t>(t.c) * cfg.G, g.NY * cfg.G, cfg.G, red);
+    if (threadIdx.x < 2) red[2 * kTileWarps + threadIdx.x] = r;  // to every thread
+    __syncthreads();
+    sums[0] = red[2 * kTileWarps];
+    sums[1] = red[2 * kTileWarps + 1];
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       grad_beta[t.c] = sums[0];
       grad_gamma[t.c] = sums[1];
@@ -803,14 +802,7 @@ __global__ void __launch_bounds__(kTileThreads, (tile_min_blocks<acc_t, K>())) t
   __syncthreads();
   if (done_before != static_cast<unsigned>(cfg.G - 1)) return;  // block-uniform
   __threadfence();
-  acc_t v[KK];
-#pragma unroll
-  for (int i = 0; i < KK; ++i) v[i] = acc_t(0);
-  const acc_t* row = part + static_cast<int64_t>(t.c) * KK * cfg.G;
-  for (int64_t j = threadIdx.x; j < cfg.G; j += kTileThreads)
-#pragma unroll
-    for (int i = 0; i < KK; ++i) v[i] += load_l2(row + i * cfg.G + j);
-  const acc_t total_w = block_sums<KK>(v, red);
+  const acc_t total_w = sum_rows_in_block<KK>(part + static_cast<int64_t>(t.c) * KK * cfg.G, cfg.G, cfg.G, red);
   if (static_cast<int>(threadIdx.x) < KK) grad_w[static_cast<int64_t>(t.c) * KK + threadIdx.x] = total_w;
 }
 
