@@ -588,8 +588,8 @@ __global__ void __launch_bounds__(kTileThreads) tiled_fwd_stats_kernel(Geom g, L
 }
 
 // out[:, C + c] = relu?(bn(conv(x)[:, c])). Training, cfg.fused: every block merges its channel's
-// Welford partials `part` itself (the same bits in every block; no finalize launch), the tiles of
-// plane group 0 write the op's (mean, invstd, var), grid.y = C. Training, otherwise: stats = (mean,
+// Welford partials `part` itself (the same bits in every block; no finalize launch), tile 0 of each
+// channel writes the op's (mean, invstd, var), grid.y = C. Training, otherwise: stats = (mean,
 // invstd) from fwd_finalize_kernel, grid.y = NY. Eval: stats = (running_mean, running_var) folded
 // here, grid.y = C, and this kernel also writes the identity half and the op's (mean, invstd, var).
 template <typename scalar_t, typename acc_t, int K>
@@ -608,7 +608,7 @@ __global__ void __launch_bounds__(kTileThreads, (tile_min_blocks<acc_t, K>())) t
   const int per_plane = t.th * W, total = t.tp * per_plane;
   const int osN = static_cast<int>(g.osN), osH = static_cast<int>(g.osH);
   acc_t m, is;
-  if (part != nullptr) {
+  if (training && cfg.fused) {
     if (t.c >= g.NY && blockIdx.x != 0) return;  // block-uniform: only tile 0 writes this channel's stats
     __shared__ acc_t red[kBlockMomentsSmem];
     const Stats<acc_t> st = stats_of(merge_partials(part, g.C * cfg.G, t.c, cfg.G, red), eps);

@@ -64,6 +64,11 @@ int64_t& fused_max_tiles() {
   return v;
 }
 
+// The launch configuration both entry points (and the emulator tests) use, the environment overrides included.
+LaunchCfg launch_cfg(const Geom& g, at::MemoryFormat fmt, at::ScalarType acc) {
+  return make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(acc), tiles_enabled(), fused_max_tiles());
+}
+
 void check_cuda(const Tensor& x, const Tensor& weight) {
   TORCH_CHECK(x.is_cuda() == kOnGpu, "ghost_concat (CUDA): x must be a CUDA tensor");
   TORCH_CHECK(weight.size(2) <= kMaxK, "ghost_concat (CUDA): kernel size ", weight.size(2),
@@ -105,8 +110,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_cuda(
     return {out, mean, invstd, var};
   }
   const Geom g = make_geom(x, out, K, out_channels);
-  const LaunchCfg cfg =
-      make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(acc), tiles_enabled(), fused_max_tiles());
+  const LaunchCfg cfg = launch_cfg(g, fmt, acc);
   Tensor ws = fresh(at::empty({training ? forward_workspace(g, cfg) : 0}, sopt));
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ghost_concat_cuda", [&] {
@@ -153,8 +157,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ghost_concat_backward_cuda(
   Tensor gg = fresh(at::empty({C}, sopt));
   Tensor gb = fresh(at::empty({C}, sopt));
   const Geom g = make_geom(x, gout, K, out_channels);
-  const LaunchCfg cfg =
-      make_cfg(g, fmt == at::MemoryFormat::ChannelsLast, c10::elementSize(acc), tiles_enabled(), fused_max_tiles());
+  const LaunchCfg cfg = launch_cfg(g, fmt, acc);
   // dy in x's exact strides (x is dense in fmt here), float32 for the half types; the tiled kernels
   // keep dy in shared memory and need none
   Tensor dy = fresh(cfg.tiled ? at::empty({0}, sopt) : at::empty(x.sizes(), sopt.memory_format(fmt)));

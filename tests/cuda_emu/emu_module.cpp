@@ -12,8 +12,7 @@ pybind11::dict launch_config(const at::Tensor& x, int64_t k, int64_t out_channel
   const auto fmt = ghost::out_format(x);
   const at::Tensor out = at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options().memory_format(fmt));
   const ghost::Geom g = ghost::make_geom(x.contiguous(fmt), out, static_cast<int>(k), out_channels);
-  const ghost::LaunchCfg c = ghost::make_cfg(g, fmt == at::MemoryFormat::ChannelsLast,
-                                             c10::elementSize(ghost::acc_type(x)), true, ghost::fused_max_tiles());
+  const ghost::LaunchCfg c = ghost::launch_cfg(g, fmt, ghost::acc_type(x));
   pybind11::dict d;
   d["tiled"] = c.tiled;
   d["fused"] = c.fused;
