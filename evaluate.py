@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import platform
 import statistics
@@ -277,7 +278,11 @@ def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: 
 def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "test", tta: bool = False,
                         batch_size: int = 64, device: str = "auto", cache_dir: str | None = None,
                         workers: int | None = None, out_dir: Path | None = None,
-                        ghost_op: str = "auto") -> dict[str, Any]:
+                        ghost_op: str = "auto", img_size: int | None = None) -> dict[str, Any]:
+    """Accuracy of a checkpoint on a split. img_size: decode the images at this size instead of the
+    training size (a larger test size often pays after training with scale augmentation: the objects
+    then appear at the size they had in training; Touvron et al., "Fixing the train-test resolution
+    discrepancy")."""
     ckpt = M.load_checkpoint(ckpt_path)
     class_names = list(ckpt["class_names"])
     cfg = ckpt.get("config") or {}
@@ -285,6 +290,9 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
     if not data_dir:
         raise data.DataError(f"{ckpt_path}: no --data given and the checkpoint's config names none; pass --data DIR")
     prep = data.Preprocess.from_dict(ckpt["preprocess"])
+    train_size = prep.img_size
+    if img_size is not None:
+        prep = dataclasses.replace(prep, img_size=img_size)
     spec = data.find_dataset(data_dir)
     if list(spec.class_names) != class_names:
         raise data.DataError(f"{spec.root}: its {len(spec.class_names)} class names differ from the checkpoint's "
@@ -315,14 +323,17 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
     written = write_outputs(out_dir, res, files, labels, class_names, split)
     summary = {k: v for k, v in res.items() if k not in ("confusion", "pred", "rank", "true_p", "pred_p")}
     summary.update(checkpoint=str(ckpt_path), arch=ckpt["arch"], data=str(spec.root), split=split, tta=tta,
+                   img_size=prep.img_size, train_img_size=train_size,
                    val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
                    files=[str(p) for p in written], epoch=ckpt.get("epoch"))
     return {"summary": summary, "net": net, "prep": prep, "ckpt": ckpt}
 
 
 def format_metrics(s: dict[str, Any]) -> str:
+    size = (f" at {s['img_size']} px (trained at {s['train_img_size']})"
+            if s.get("img_size") != s.get("train_img_size") else "")
     lines = [f"{s['checkpoint']} ({s['arch']}, epoch {s.get('epoch')}) on {s['split']} of {s['data']}"
-             f"{' with flip TTA' if s['tta'] else ''}: {s['images']} images"
+             f"{' with flip TTA' if s['tta'] else ''}{size}: {s['images']} images"
              + (f", {len(s['skipped'])} unreadable skipped" if s["skipped"] else ""),
              f"  top-1 {s['top1']:.2%}   top-5 {s['top5']:.2%}   mean per-class {s['mean_class_acc']:.2%}   "
              f"loss {s['loss']:.4f}",
@@ -417,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", help="decode cache folder (default: the checkpoint's)")
     ap.add_argument("--workers", type=int, help="decode processes")
     ap.add_argument("--arch", help=f"efficiency of an architecture without a checkpoint: {', '.join(M.ARCHS)}")
-    ap.add_argument("--img-size", type=int, default=227, help="input size for --arch/--compare architectures")
+    ap.add_argument("--img-size", type=int, default=None,
+                    help="with --checkpoint: test at this size (default: the training size); "
+                         "for --arch/--compare: the input size (default 227)")
     ap.add_argument("--num-classes", type=int, default=DEFAULT_CLASSES, help="classifier size for --arch/--compare")
     ap.add_argument("--compare", nargs="+", metavar="ARCH_OR_RUN", help="table over architectures and run folders")
     ap.add_argument("--out", type=Path, help="with --compare: also write the table here")
@@ -436,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs < 1:
             raise ValueError("--runs must be at least 1")
         if args.compare:
-            table = compare(args.compare, args.img_size, args.num_classes, args.runs, args.ghost_op)
+            table = compare(args.compare, args.img_size or 227, args.num_classes, args.runs, args.ghost_op)
             print(table)
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -449,14 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {}
         if args.checkpoint is not None:
             ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.tta, args.batch_size, args.device,
-                                     args.cache_dir, args.workers, args.out_dir, args.ghost_op)
+                                     args.cache_dir, args.workers, args.out_dir, args.ghost_op, args.img_size)
             report["metrics"] = ev["summary"]
             print(format_metrics(ev["summary"]))
             net, prep, name = ev["net"], ev["prep"], str(args.checkpoint)
             img, ch = prep.img_size, prep.channels
         else:
             net = M.build_model(args.arch, args.num_classes, ghost_op=args.ghost_op).eval()
-            name, img, ch = args.arch, args.img_size, 3
+            name, img, ch = args.arch, args.img_size or 227, 3
         if not args.no_efficiency:
             fig = efficiency(net, img, ch, runs=args.runs)
             report["efficiency"] = fig

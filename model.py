@@ -426,6 +426,21 @@ def build_model(arch: str, num_classes: int, *, out_channels: int = 320, dropout
     return model
 
 
+@torch.no_grad()
+def zero_init_residual(model: nn.Module) -> int:
+    """Start every residual GhostBottleneck as the identity: its last GhostModule's BatchNorm scales
+    (primary and cheap branch) set to zero, so the block's output is its shortcut until training moves
+    them (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; torchvision's zero_init_residual). The network
+    then trains as a shallow one first. Returns the number of blocks changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GhostBottleneck):
+            nn.init.zeros_(m.ghost2.primary_conv[1].weight)
+            nn.init.zeros_(m.ghost2.cheap_operation[1].weight)
+            n += 1
+    return n
+
+
 def set_ghost_op(model: nn.Module, ghost_op: str) -> None:
     """Switch every GhostModule in model to ghost_op ("auto", "ext" or "torch"); no-op for other archs."""
     _check_ghost_op(ghost_op)

@@ -3,8 +3,8 @@ of torch are present (a GPU is not needed to compile them).
 
     pip install --no-build-isolation -e .            # or: python setup.py build_ext --inplace
 
-Environment: GHOST_EXT_CUDA=1 forces the CUDA kernels (error if they cannot be built), =0 skips
-them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS limits ninja's parallel jobs.
+Environment: GHOST_EXT=0 builds no kernels (the plain-PyTorch fallback only); GHOST_EXT_CUDA=1 forces
+the CUDA kernels (error if they cannot be built), =0 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS limits ninja's parallel jobs.
 """
 import os
 from pathlib import Path
@@ -48,7 +48,8 @@ def extension():
     return CppExtension("ghost_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
-PY_MODULES = [m for m in ("model", "data", "train", "evaluate", "predict") if (ROOT / f"{m}.py").exists()]
+# every top-level module the scripts import (a test checks this list against the repository's *.py files)
+PY_MODULES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "setup")
 
 setup(
     name="ghostcars",
@@ -57,7 +58,8 @@ setup(
     python_requires=">=3.10",
     py_modules=PY_MODULES,
     packages=["ghost_ext"],
-    ext_modules=[extension()],
+    # GHOST_EXT=0: no compiled kernels at all (no compiler needed; ghost_ext then runs its plain-PyTorch fallback)
+    ext_modules=[] if os.environ.get("GHOST_EXT", "").strip() == "0" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch", "torchvision", "numpy", "scipy", "tqdm"],
     extras_require={"plot": ["matplotlib"], "timm": ["timm"], "export": ["onnx", "onnxscript", "onnxruntime"]},

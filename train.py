@@ -9,8 +9,11 @@ Defaults are the reference work's best settings ("Best Model settings", C-50 in
 batch 64, AdamW lr 1e-3 weight decay 0.6, label smoothing, dropout 0.2, 320 output channels,
 MultiStepLR at epochs 67 82 95 107, early stopping after 15 epochs without a lower validation loss.
 
+    python train.py --recipe fast --epochs 40 --img-size 96         # the best model 40 short epochs make
+
 Everything of a run lands in one folder, runs/<name>/: config.json, metrics.csv, last.pt (every
-epoch), best.pt (best validation accuracy), curves.png. The loop below is deliberately flat.
+epoch), best.pt (best validation accuracy), final.pt (the model at the end), curves.png. The loop below
+is deliberately flat.
 Exit status: 0 done, 1 training diverged (non-finite loss), 2 a usage or data error, 130 Ctrl-C.
 """
 from __future__ import annotations
@@ -41,7 +44,8 @@ from tqdm import tqdm
 import data
 from augment import BatchTransform, add_augment_args, augment_from_args
 from evaluate import cpu_name, pick_device
-from model import ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint
+from model import (ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint,
+                   zero_init_residual)
 
 REPO = Path(__file__).resolve().parent
 CKPT_FORMAT = "ghostcars-v1"
@@ -58,6 +62,15 @@ NOT_INHERITED = ("debug_step_sleep", "debug_nan_step", "max_steps")
 # that other processes share (two spinning OpenMP threads then slow down many times over).
 DEMO_DEFAULTS = dict(img_size=64, batch_size=16, epochs=16, lr=3e-3, wd=0.05, scheduler="cosine",
                      patience=0, label_smoothing=0.1, augment=["flip"], threads=1)
+# --recipe: named sets of defaults. "study" is the parser's own defaults (the study's C-50, made for about
+# 130 epochs at 227 px). "fast" makes the best model it can in the --epochs it is given: every value was
+# chosen on a validation split of the real photos (README 'Recipes' has the evidence for each).
+RECIPES: dict[str, dict] = {
+    "study": {},
+    "fast": dict(scheduler="cosine", warmup_epochs=2.0, lr=5e-3, wd=0.05, wd_norm_bias=False, ema=0.999,
+                 zero_init_residual=True, dropout=0.1, patience=0, batch_size=64,
+                 augment=["flip", "resized_crop"], crop_scale=[0.35, 1.0]),
+}
 DEMO_DATA = dict(num_classes=4, train_per_class=60, test_per_class=25)  # 240 train, 100 val images
 # Test hook: when set, every rank writes ddp_rank<r>.json (its weights' hash, images it validated) into the run
 # folder after each epoch, so a test can check that all ranks hold identical weights.
@@ -97,6 +110,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR from its last.pt")
     g.add_argument("--init-from", metavar="CKPT", default=None,
                    help="fine-tune: start from CKPT's matching weights (new classifier if class count differs)")
+    g.add_argument("--recipe", default="study", choices=sorted(RECIPES),
+                   help="preset of defaults: study = the study's C-50 (about 130 epochs at 227 px); fast = the "
+                        "best model in --epochs epochs (README: 'Recipes'); flags given explicitly still win")
     g.add_argument("--seed", type=int, default=0, help="seeds model init, shuffling, augmentation, splits")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-exact reruns on the same machine; slower on CUDA)")
@@ -120,6 +136,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.2, help="dropout before the classifier")
     g.add_argument("--out-channels", type=int, default=320, help="width of the last feature layer")
     g.add_argument("--width", type=float, default=1.0, help="channel multiplier (ghostnet)")
+    g.add_argument("--zero-init-residual", action="store_true",
+                   help="start each GhostBottleneck as the identity (its last BN scales zero); ghostnet archs")
     g.add_argument("--ghost-op", default="auto", choices=["auto", "ext", "torch"],
                    help="GhostModule implementation: fused C++/CUDA op (ext), plain PyTorch (torch), or auto")
 
@@ -134,14 +152,23 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9, help="sgd momentum")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="0 = plain cross entropy")
     g.add_argument("--scheduler", default="multistep",
-                   choices=["multistep", "plateau", "exponential", "cosine", "none"],
-                   help="LR schedule, stepped once per epoch; plateau = the reference's 'automatic' schedule")
+                   choices=["multistep", "plateau", "exponential", "cosine", "linear", "none"],
+                   help="LR schedule. multistep, plateau (the study's 'automatic' one) and exponential step once "
+                        "per epoch; cosine and linear step per optimizer step, after --warmup-epochs, down to "
+                        "--min-lr at the last step of --epochs; none = constant (after any warm-up)")
     g.add_argument("--milestones", type=int, nargs="+", default=[67, 82, 95, 107], help="multistep epochs")
     g.add_argument("--gamma", type=float, default=0.1, help="multistep LR factor")
     g.add_argument("--exp-base", type=float, default=0.975, help="exponential: lr *= base each epoch (0.955..0.98)")
     g.add_argument("--plateau-factor", type=float, default=0.1, help="plateau: LR factor on a val-loss plateau")
     g.add_argument("--plateau-patience", type=int, default=10, help="plateau: epochs without val-loss progress")
-    g.add_argument("--min-lr", type=float, default=0.0, help="cosine eta_min / plateau min_lr")
+    g.add_argument("--min-lr", type=float, default=0.0, help="lowest LR of cosine/linear decay; plateau min_lr")
+    g.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear LR warm-up from ~0 over this many epochs (fractions allowed; per-step schedules)")
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="exponential moving average of the weights (and BN statistics) with this decay per step, "
+                        "e.g. 0.999; validation, best.pt and final.pt use it. 0 = off")
+    g.add_argument("--wd-norm-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight decay also on BatchNorm weights and biases (the study's choice)")
     g.add_argument("--patience", type=int, default=15,
                    help="early stopping: epochs without progress in --early-stop-on (0=off)")
     # the reference watches the loss; on short budgets the loss can rise (overconfidence) while accuracy
@@ -169,12 +196,14 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
-    """Parse; --demo swaps in demo defaults (explicit flags still win). Also returns the options given
-    explicitly (differing from the defaults), which --resume may override."""
+    """Parse; --recipe and then --demo swap in their defaults (explicit flags still win). Also returns the
+    options given explicitly (differing from the defaults), which --resume may override."""
     parser = get_parser()
     args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
+    if args.recipe != "study" or args.demo:
+        parser.set_defaults(**RECIPES[args.recipe])
+        if args.demo:
+            parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
     # the options on the command line: parse again with every default suppressed
     for action in parser._actions:
@@ -297,6 +326,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise TrainError(f"--label-smoothing must lie in [0, 1) (got {args.label_smoothing})")
     if not 0 <= args.dropout < 1:
         raise TrainError(f"--dropout must lie in [0, 1) (got {args.dropout})")
+    if not 0 <= args.ema < 1:
+        raise TrainError(f"--ema must lie in [0, 1), e.g. 0.999 (got {args.ema}); 0 turns it off")
+    if args.warmup_epochs < 0 or (args.warmup_epochs and args.scheduler in PER_EPOCH_SCHEDULES):
+        raise TrainError(f"--warmup-epochs {args.warmup_epochs:g} needs a per-step --scheduler (cosine, linear or "
+                         f"none), not {args.scheduler}, and must not be negative")
 
 
 def jsonable(v):
@@ -318,17 +352,65 @@ def subset(records: list, n: int | None, seed: int) -> list:
     return [records[i] for i in keep]
 
 
-def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
+PER_EPOCH_SCHEDULES = ("multistep", "plateau", "exponential")  # the study's: stepped after each epoch
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, shape: str, floor: float = 0.0) -> float:
+    """The per-step schedule: the LR of optimizer step `step` (0-based) as a fraction of --lr. A linear
+    warm-up from 1/warmup_steps to 1 over the first warmup_steps steps, then `shape` (cosine, linear or none)
+    from 1 down towards `floor` (min_lr / lr), which the step after the last one would reach."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if shape == "none":
+        return 1.0
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    f = 0.5 * (1.0 + math.cos(math.pi * p)) if shape == "cosine" else 1.0 - p
+    return floor + (1.0 - floor) * f
+
+
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """(scheduler, per_step). Per-epoch schedules are the study's; cosine/linear/none-with-warm-up follow the
+    optimizer steps of this very run (--epochs x steps per epoch), so they fit any length."""
     if args.scheduler == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.gamma)
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.milestones, gamma=args.gamma), False
     if args.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=args.plateau_factor,
-                                                          patience=args.plateau_patience, min_lr=args.min_lr)
+                                                          patience=args.plateau_patience, min_lr=args.min_lr), False
     if args.scheduler == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.exp_base)
-    if args.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
-    return None
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.exp_base), False
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    if args.scheduler == "none" and warmup == 0:
+        return None, False
+    total, floor = args.epochs * steps_per_epoch, args.min_lr / args.lr if args.lr > 0 else 0.0
+    shape = args.scheduler
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, shape, floor)), True
+
+
+def param_groups(model: nn.Module, wd: float, wd_norm_bias: bool) -> list[dict]:
+    """One group with weight decay on everything (the study), or two: no decay on the 1-d parameters
+    (BatchNorm weights and biases, Linear/conv biases), which decay only pulls towards zero without
+    regularising anything a scale-invariant BN layer computes (as in timm and "ResNet strikes back")."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if wd_norm_bias or wd == 0:
+        return [{"params": params, "weight_decay": wd}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": wd},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of `model`'s parameters and buffers (BatchNorm running statistics
+    included, so the averaged weights are evaluated with statistics of the same average, as timm's ModelEma
+    does). The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, so the average is not
+    dominated by the random initial weights in a short run. Integer buffers (BN's num_batches_tracked)
+    are copied."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def init_from(model: nn.Module, path: str) -> str:
@@ -565,6 +647,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         model = build_model(args.arch, num_classes, ghost_op=ghost_op, **model_options)
     except ValueError as e:  # e.g. an out-channels or width that the architecture can't take
         raise TrainError(f"{e}; fix the model options (see python train.py --help)") from None
+    if args.zero_init_residual:
+        if zero_init_residual(model) == 0:
+            raise TrainError(f"--zero-init-residual needs a GhostNet (--arch ghostnet or ghostnet_official), "
+                             f"not {args.arch}")
     if args.init_from and resume_ckpt is None:
         print(init_from(model, args.init_from))
     model.to(device)
@@ -575,13 +661,17 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         sync_ghost_modules(model)
     # the learning rate is the one given, whatever the world size, unless --scale-lr (linear scaling rule)
     base_lr = args.lr * world if args.scale_lr else args.lr
+    groups = param_groups(model, args.wd, args.wd_norm_bias)
     if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=args.wd)
+        optimizer = torch.optim.AdamW(groups, lr=base_lr)
     elif args.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=base_lr, weight_decay=args.wd)
+        optimizer = torch.optim.Adam(groups, lr=base_lr)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=args.momentum, weight_decay=args.wd)
-    scheduler = make_scheduler(args, optimizer)
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum)
+    scheduler, per_step = make_scheduler(args, optimizer, len(train_loader))
+    # the weights that are validated and saved for use: the average when --ema is on
+    ema = make_ema(model, args.ema) if args.ema else None
+    eval_net = (lambda: ema.module) if ema is not None else (lambda: train_model)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     # ---- run folder and the state that resume restores
@@ -601,6 +691,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             scheduler.load_state_dict(resume_ckpt["scheduler"])
         if scaler is not None and resume_ckpt.get("scaler") is not None:
             scaler.load_state_dict(resume_ckpt["scaler"])
+        if ema is not None:
+            if resume_ckpt.get("ema") is None:
+                raise TrainError(f"{run_dir / 'last.pt'} holds no --ema state; resume it without --ema")
+            ema.load_state_dict(resume_ckpt["ema"])
         start_epoch = resume_ckpt["epoch"]
         step = resume_ckpt.get("step", 0)
         best = dict(resume_ckpt["best"])
@@ -690,11 +784,19 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
             "early_stop": {"bad_epochs": bad_epochs},
             "world_size": world,
         }
+
+    def model_file(ckpt: dict) -> dict:
+        """best.pt / final.pt: what inference needs, with the averaged weights when --ema is on."""
+        out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "rng", "early_stop", "ema")}
+        if ema is not None:
+            out["model"] = ema.module.state_dict()
+        return out
 
     def to_input(images: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
         x = transform(images, train=train, generator=generator)
@@ -748,6 +850,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 else:
                     loss.backward()
                     optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                if per_step:
+                    scheduler.step()
                 n = labels.shape[0]
                 loss_sum += loss_val * n
                 correct += (logits.argmax(1) == labels).sum()
@@ -781,16 +887,17 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                 t = torch.tensor([loss_sum, correct.item(), seen], dtype=torch.float64, device=device)
                 dist.all_reduce(t)
                 loss_sum, correct, seen = t[0].item(), t[1].long(), int(t[2].item())
-                for b in model.buffers():
+                for b in [*model.buffers(), *(ema.module.buffers() if ema is not None else [])]:
                     dist.broadcast(b, 0)
 
             # validation: the same loss as training (as the reference), top-1 and top-5
-            train_model.eval()
+            net = eval_net()
+            net.eval()
             v_loss, v_top1, v_top5, v_seen = 0.0, 0, 0, 0
             top_k = min(5, num_classes)
             with torch.no_grad(), autocast:
                 for images, labels in val_loader:
-                    logits = train_model(to_input(images, False, None)).float()
+                    logits = net(to_input(images, False, None)).float()
                     v_loss += criterion(logits, labels).item() * labels.shape[0]
                     topk = logits.topk(top_k, 1).indices
                     v_top1 += (topk[:, 0] == labels).sum().item()
@@ -808,7 +915,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             # bookkeeping: schedule, best, early stopping, then the files (best.pt, last.pt, metrics.csv)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val_loss)
-            elif scheduler is not None:
+            elif scheduler is not None and not per_step:
                 scheduler.step()
             is_best = val_acc > best["val_acc"]
             if is_best:
@@ -827,9 +934,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             # writes best.pt again; the other order would leave a best.pt older than last.pt's record.
             ckpt = checkpoint(epoch) if is_main else None
             if is_best and is_main:  # best.pt is for using the model: without the resume state, a third of the size
-                atomic_save({k: v for k, v in ckpt.items()
-                             if k not in ("optimizer", "scheduler", "scaler", "rng", "early_stop")},
-                            run_dir / "best.pt")
+                atomic_save(model_file(ckpt), run_dir / "best.pt")
             if is_main:
                 atomic_save(ckpt, run_dir / "last.pt")
             held_partial = None
@@ -885,6 +990,10 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     if best["epoch"] == 0:
         print(f"no epoch completed, so there is no best.pt yet; files in {run_dir}")
         return 0
+    if not stopped_inside and is_main:
+        # the model as training left it (the average with --ema): what a fixed-length run reports, with no
+        # checkpoint chosen on the validation images
+        atomic_save(model_file(checkpoint(epoch)), run_dir / "final.pt")
     print(f"done: best val acc {100 * best['val_acc']:.2f}% at epoch {best['epoch']}, min val loss "
           f"{best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']}; files in {run_dir}")
     if args.demo:

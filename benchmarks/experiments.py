@@ -84,6 +84,8 @@ class Experiment:
     what: str
     flags: list[str] = field(default_factory=list)
     seed_offset: int = 0
+    checkpoint: str = "best.pt"  # what evaluate.py scores: best.pt (chosen on validation) or final.pt
+    eval_flags: list[str] = field(default_factory=list)
 
 
 def experiments(epochs: int) -> list[Experiment]:
@@ -127,6 +129,29 @@ def experiments(epochs: int) -> list[Experiment]:
     return exps
 
 
+# The recipes campaign (--campaign recipes): the study's recipe against --recipe fast at one length, each
+# trained on all of cars_train for exactly --epochs (no early stopping, no validation split), scoring the
+# final model on cars_test, so no checkpoint is chosen on the images that are reported.
+RECIPE_SEEDS = 3
+# the fast recipe's evaluation flags: none. On the validation split flip TTA moved top-1 by less than one image
+# in a hundred and a larger test size (112 px after training at 96) lost 3.8 points (README 'Recipes')
+FAST_EVAL: list[str] = []
+
+
+def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS) -> list[Experiment]:
+    ms = [str(m) for m in scaled_milestones(epochs)]
+    study = ["--recipe", "study", "--scheduler", "multistep", "--milestones", *ms, "--gamma", "0.1"]
+    exps = []
+    for k in range(seeds):
+        exps.append(Experiment(f"study_s{k}", "C-50", ("recipes",), "study",
+                               f"the study's recipe, milestones scaled to {epochs} epochs, seed + {k}",
+                               study, seed_offset=k, checkpoint="final.pt"))
+        exps.append(Experiment(f"fast_s{k}", "--recipe fast", ("recipes",), "fast",
+                               f"--recipe fast, seed + {k}", ["--recipe", "fast"], seed_offset=k,
+                               checkpoint="final.pt", eval_flags=list(FAST_EVAL)))
+    return exps
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def show_path(p: Path) -> str:
     """A path as written in commands and tables: relative to the repository when it lies near it."""
@@ -159,8 +184,9 @@ def plan(exp: Experiment, args: argparse.Namespace) -> Plan:
     if args.device:
         common += ["--device", args.device]
     train = ["train.py", *common, *exp.flags, *shlex.split(args.train_args)]
-    ev = ["evaluate.py", "--checkpoint", show_path(run_dir / "best.pt"), "--data", show_path(args.data),
-          "--split", "test", "--json", show_path(run_dir / EVAL_JSON), "--runs", str(args.eval_runs)]
+    ev = ["evaluate.py", "--checkpoint", show_path(run_dir / exp.checkpoint), "--data", show_path(args.data),
+          "--split", "test", "--json", show_path(run_dir / EVAL_JSON), "--runs", str(args.eval_runs),
+          *exp.eval_flags]
     if args.threads:
         ev += ["--threads", str(args.threads)]
     if args.device:
@@ -445,12 +471,177 @@ def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -
     L += ["", "## Commands", "", "Run from the repository root (`python benchmarks/experiments.py "
           f"--epochs {args.epochs} --img-size {args.img_size} --seed {args.seed} --skip-done` runs them all):", "",
           "```"]
+    return write_md(L, rows, args.out, with_study=True)
+
+
+def write_md(lines: list[str], rows: list[dict], out: Path, with_study: bool = False) -> Path:
+    """results.md: the tables above, then every run's train and evaluate command."""
     for r in rows:
-        L += [f"# {r['name']} ({r['study']})", r["train_command"], r["eval_command"]]
-    L += ["```", ""]
-    p = args.out / "results.md"
-    p.write_text("\n".join(L))
+        lines += [f"# {r['name']}" + (f" ({r['study']})" if with_study else ""), r["train_command"], r["eval_command"]]
+    lines += ["```", ""]
+    p = out / "results.md"
+    p.write_text("\n".join(lines))
     return p
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) >= 2 else f"{xs[0]:.2f}"
+
+
+def recipe_summary(rows: list[dict]) -> dict[str, dict]:
+    """Per recipe: the finished runs' cars_test top-1/top-5 (%) and training wall time (minutes)."""
+    out = {}
+    for recipe in ("study", "fast"):
+        done = [r for r in rows if r["step"] == recipe and r.get("test_top1") is not None]
+        out[recipe] = {"runs": len(done), "top1": [100 * r["test_top1"] for r in done],
+                       "top5": [100 * r["test_top5"] for r in done],
+                       "train_min": [r["train_wall_s"] / 60 for r in done if r.get("train_wall_s")]}
+    return out
+
+
+def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -> Path:
+    rows = [collect(p) for p in plans]
+    summary = recipe_summary(rows)
+    settings = {"campaign": "recipes", "epochs": args.epochs, "img_size": args.img_size, "seed": args.seed,
+                "seeds": args.seeds, "jobs": args.jobs, "milestones": scaled_milestones(args.epochs),
+                "data": show_path(args.data), "label": label(args)}
+    write_json({"settings": settings, "environment": env_info, "summary": summary, "experiments": rows},
+               args.out / "results.json")
+    st, fa = summary["study"], summary["fast"]
+    L = [f"# The study's recipe against --recipe fast ({args.epochs} epochs, {args.img_size} px)", "",
+         f"**{label(args)}.**", "",
+         "- each run trains on all of cars_train for exactly the epochs given (no early stopping, no validation "
+         "split: the per-epoch 'val' columns of metrics.csv are cars_test, logged and never used to choose); "
+         "the reported figure is evaluate.py on the final model (`final.pt`, the EMA weights for fast)",
+         f"- the study's MultiStepLR milestones scaled by round(m * {args.epochs} / {REF_EPOCHS}): "
+         f"{' '.join(map(str, scaled_milestones(args.epochs)))}; fast: train.py's RECIPES['fast'], evaluated with "
+         f"{' '.join(FAST_EVAL) or 'no extra flags'}",
+         f"- machine: {env_info['cpu']}, {env_info['cores']} cores; {args.jobs} run(s) at a time, "
+         f"{env_info['threads']} torch thread(s) each (OMP_NUM_THREADS={env_info['OMP_NUM_THREADS']}); "
+         f"{'the two recipes of a seed ran side by side, so their wall times share the same machine load' if args.jobs == 2 else 'one run after the other'}",
+         f"- versions: Python {env_info['python']}, torch {env_info['torch']}, torchvision {env_info['torchvision']}; "
+         f"table written {env_info['date']}", "",
+         "| recipe | runs | test top-1 % (mean ± sd) | test top-5 % | train wall, min (mean) |", "|---|---|---|---|---|"]
+    for name, r in (("study", st), ("fast", fa)):
+        wall = f"{statistics.mean(r['train_min']):.1f}" if r["train_min"] else "–"
+        L.append(f"| {name} | {r['runs']} | {_mean_sd(r['top1'])} | {_mean_sd(r['top5'])} | {wall} |")
+    if st["top1"] and fa["top1"] and st["train_min"] and fa["train_min"]:
+        L += ["", f"fast / study: top-1 x{statistics.mean(fa['top1']) / max(statistics.mean(st['top1']), 1e-9):.2f}, "
+                  f"training wall time x{statistics.mean(fa['train_min']) / statistics.mean(st['train_min']):.2f}"]
+    L += ["", "| run | seed | test top-1 % | test top-5 % | final train acc % | train wall | s/epoch |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = read_metrics_csv(REPO / r["run_dir"] / "metrics.csv") if r["state"] != "other" else []
+        tr = f"{100 * float(m[-1]['train_acc']):.1f}" if m else "–"
+        L.append(f"| `{r['name']}`{_status(r)} | {args.seed + r['seed_offset']} | {_pct(r.get('test_top1'))} | "
+                 f"{_pct(r.get('test_top5'))} | {tr} | {_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} |")
+    L += ["", "## Commands", "", "```"]
+    return write_md(L, rows, args.out)
+
+
+def budget_curve(folders: list[Path], out: Path) -> int:
+    """budget_curve.png and .md from the results.json of recipes campaigns at several lengths: cars_test
+    top-1 against training minutes, one point per run, the mean per recipe and length joined."""
+    points = []
+    for d in folders:
+        res = read_json(Path(d) / "results.json")
+        if not res or res.get("settings", {}).get("campaign") != "recipes":
+            print(f"error: {d}: no recipes-campaign results.json; run --campaign recipes --out {d} first",
+                  file=sys.stderr)
+            return 2
+        for r in res["experiments"]:
+            if r.get("test_top1") is not None and r.get("train_wall_s"):
+                points.append({"recipe": r["step"], "epochs": res["settings"]["epochs"], "run": r["name"],
+                               "folder": show_path(Path(d)), "minutes": r["train_wall_s"] / 60,
+                               "top1": 100 * r["test_top1"], "top5": 100 * r["test_top5"]})
+    if not points:
+        print("error: no finished runs in those folders", file=sys.stderr)
+        return 2
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["recipe"], p["epochs"]), []).append(p)
+    lengths = sorted({e for _, e in groups})
+    L = ["# Budget curve: cars_test top-1 against training time", "",
+         "**Held-out part of the official train split, 128x96 copy; each point trains on all of "
+         f"cars_train and scores the final model.** Folders: {', '.join(sorted({p['folder'] for p in points}))}", "",
+         "| epochs | study: runs | study: minutes | study: top-1 % | fast: runs | fast: minutes | fast: top-1 % | ahead |",
+         "|---|---|---|---|---|---|---|---|"]
+    for e in lengths:
+        cells, means = [], {}
+        for recipe in ("study", "fast"):
+            g = groups.get((recipe, e), [])
+            t1 = [p["top1"] for p in g]
+            means[recipe] = statistics.mean(t1) if t1 else None
+            cells += [str(len(g)), f"{statistics.mean(p['minutes'] for p in g):.1f}" if g else "–", _mean_sd(t1)]
+        ahead = "–" if None in means.values() else (
+            "fast" if means["fast"] > means["study"] else "study" if means["study"] > means["fast"] else "tie")
+        L.append(f"| {e} | " + " | ".join(cells) + f" | {ahead} |")
+    (out / "budget_curve.md").write_text("\n".join(L) + "\n")
+    write_json(points, out / "budget_curve.json")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no budget_curve.png", file=sys.stderr)
+        return 0
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for recipe, colour in (("study", "tab:blue"), ("fast", "tab:orange")):
+        pts = [p for p in points if p["recipe"] == recipe]
+        ax.scatter([p["minutes"] for p in pts], [p["top1"] for p in pts], color=colour, alpha=0.5, s=18)
+        mean = [(statistics.mean(p["minutes"] for p in groups[(recipe, e)]),
+                 statistics.mean(p["top1"] for p in groups[(recipe, e)])) for e in lengths if (recipe, e) in groups]
+        ax.plot(*zip(*mean), "-o", color=colour, label=f"--recipe {recipe}")
+        for (x, y), e in zip(mean, [e for e in lengths if (recipe, e) in groups]):
+            ax.annotate(f"{e} ep", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
+    ax.set_xlabel("training wall time (minutes, this machine)")
+    ax.set_ylabel("cars_test top-1 (%)")
+    ax.set_title("GhostNet from scratch, 96 px, real 128x96 photos")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "budget_curve.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {out / 'budget_curve.png'}, {out / 'budget_curve.md'}")
+    return 0
+
+
+def search_table(folder: Path) -> int:
+    """results.md for a folder of train.py run folders on a validation split (the runs a recipe was chosen
+    from): each run's options that differ from the first run's, and validation top-1 / top-5 / loss at a
+    few shared epochs and at its last epoch, from metrics.csv and config.json."""
+    runs = sorted(d for d in Path(folder).iterdir() if (d / "metrics.csv").exists() and (d / "config.json").exists())
+    if not runs:
+        print(f"error: {folder}: no run folders (metrics.csv + config.json)", file=sys.stderr)
+        return 2
+    opts = {d.name: (read_json(d / "config.json") or {}).get("options", {}) for d in runs}
+    ignore = {"name", "out", "resume", "command", "data", "cache_dir"}
+    base = opts[runs[0].name]
+    marks = (4, 8, 12, 20)
+    L = [f"# Choosing --recipe fast on the validation split ({show_path(Path(folder))})", "",
+         "Validation = a stratified 10 % of cars_train (555 images, `--val-split 0.1`, seed 0); cars_test was not "
+         "looked at. One seed per run, so a top-1 difference under about 1.5 points (8 images) is noise; the "
+         "validation loss is the steadier signal. Runs stopped early (to free the core for the next) end before "
+         "their --epochs.", "",
+         "| run | options (against the first run's) | epochs run / planned | "
+         + " | ".join(f"ep {m}: top-1 / top-5 / loss" for m in marks) + " | last: top-1 / top-5 / loss | train acc (last) |",
+         "|---|---|---|" + "---|" * (len(marks) + 2)]
+    for d in runs:
+        o = opts[d.name]
+        diff = ", ".join(f"{k}={o[k]}" for k in sorted(o) if k not in ignore and o.get(k) != base.get(k)) or "–"
+        rows = read_metrics_csv(d / "metrics.csv")
+        by = {int(r["epoch"]): r for r in rows}
+        cell = lambda r: (f"{100 * float(r['val_acc']):.1f} / {100 * float(r['val_top5']):.1f} / "  # noqa: E731
+                          f"{float(r['val_loss']):.3f}") if r else "–"
+        L.append(f"| `{d.name}` | {diff} | {len(rows)} / {o.get('epochs')} | "
+                 + " | ".join(cell(by.get(m)) for m in marks) + f" | {cell(rows[-1])} | "
+                 f"{100 * float(rows[-1]['train_acc']):.1f} |")
+    L += ["", f"Written by `python benchmarks/experiments.py --search-table {show_path(Path(folder))}`.", ""]
+    (Path(folder) / "results.md").write_text("\n".join(L))
+    print(f"wrote {Path(folder) / 'results.md'}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -522,6 +713,18 @@ def estimate(plans: list[Plan], args: argparse.Namespace, env: dict) -> int:
 # ------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--campaign", default="study", choices=["study", "recipes"],
+                    help="study: the ablation ladder and architectures; recipes: the study's recipe against "
+                         "--recipe fast, --seeds seeds each, on all of cars_train, final model scored")
+    ap.add_argument("--seeds", type=int, default=RECIPE_SEEDS, help="recipes campaign: seeds per recipe")
+    ap.add_argument("--jobs", type=int, default=1, choices=[1, 2],
+                    help="runs at a time; 2 runs the two recipes of a seed side by side, one thread each "
+                         "(same machine load for both, ~1.2x the throughput of one 2-thread run on 2 cores)")
+    ap.add_argument("--budget-curve", nargs="+", type=Path, metavar="DIR",
+                    help="plot cars_test top-1 against training minutes from recipes campaigns' folders; "
+                         "writes budget_curve.png/.md/.json into --out")
+    ap.add_argument("--search-table", type=Path, metavar="DIR",
+                    help="write DIR/results.md: a table of the train.py run folders in DIR (a recipe search)")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments (see --list)")
     ap.add_argument("--list", action="store_true", help="list the experiments and their flags")
     ap.add_argument("--dry-run", action="store_true", help="print the exact commands, run nothing")
@@ -558,9 +761,21 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --epochs must be >= 1 and --img-size >= 8", file=sys.stderr)
         return 2
     args.data, args.out = args.data.resolve(), args.out.resolve()
+    if args.search_table:
+        return search_table(args.search_table)
+    if args.budget_curve:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return budget_curve(args.budget_curve, args.out)
+    if args.campaign == "recipes":
+        # fixed-length runs on all of cars_train: nothing may be chosen on the reported images
+        args.val_split, args.patience = 0.0, 0
+        if args.out == DEFAULT_OUT.resolve():
+            args.out = (DEFAULT_OUT.parent / f"recipes_{args.epochs}ep").resolve()
+    if args.jobs > 1 and not args.threads:
+        args.threads = 1  # two runs on two cores: one OpenMP thread each, or they thrash
     if args.patience is None:
         args.patience = scale_epochs(REF_PATIENCE, args.epochs)
-    registry = experiments(args.epochs)
+    registry = experiments(args.epochs) if args.campaign == "study" else recipe_experiments(args.epochs, args.seeds)
     names = [e.name for e in registry]
     if args.only:
         unknown = [n for n in args.only if n not in names]
@@ -586,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # the subprocesses' lines arrive as they are printed
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)  # recorded by environment()
     if args.estimate:
         return estimate(plans, args, env)
 
@@ -601,23 +818,31 @@ def main(argv: list[str] | None = None) -> int:
                   f"to reuse finished runs and continue unfinished ones, or remove them", file=sys.stderr)
             return 2
     env_info = environment(args)
+    write = write_results if args.campaign == "study" else write_recipe_results
     failed = []
     t0 = time.perf_counter()
-    bar = tqdm(plans, desc="experiments", unit="run", dynamic_ncols=True)
+    bar = tqdm(total=len(plans), desc="experiments", unit="run", dynamic_ncols=True)
     try:
-        for p in bar:
-            bar.set_postfix_str(p.exp.name)
-            if not run_one(p, args, env, tqdm.write):
-                failed.append(p.exp.name)
-            write_results(all_plans, args, env_info)
+        for i in range(0, len(plans), args.jobs):
+            batch = plans[i:i + args.jobs]
+            bar.set_postfix_str(" + ".join(p.exp.name for p in batch))
+            if len(batch) == 1:
+                ok = [run_one(batch[0], args, env, tqdm.write)]
+            else:  # side by side: each a subprocess, so threads here only wait on them
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(len(batch)) as pool:
+                    ok = list(pool.map(lambda p: run_one(p, args, env, tqdm.write), batch))
+            failed += [p.exp.name for p, good in zip(batch, ok) if not good]
+            bar.update(len(batch))
+            write(all_plans, args, env_info)
     except KeyboardInterrupt:
-        write_results(all_plans, args, env_info)
+        write(all_plans, args, env_info)
         print("\ninterrupted; finished runs are kept; continue with the same command plus --skip-done",
               file=sys.stderr)
         return 130
     finally:
         bar.close()
-    res = write_results(all_plans, args, env_info)
+    res = write(all_plans, args, env_info)
     print(f"{len(plans) - len(failed)}/{len(plans)} experiments done in {_dur(time.perf_counter() - t0)}; wrote {res} "
           f"and {args.out / 'results.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -198,3 +198,57 @@ def test_effect_label_needs_the_seed_spread():
     assert X._effect(rows[1], rows, 0.53) == "-0.05 (within noise)"
     assert X._effect(rows[1], rows, 0.01) == "-0.05 (hurts)"
     assert X._effect(rows[0], rows, 0.53) == "–"
+
+
+def test_recipes_campaign_commands():
+    r = cli("--campaign", "recipes", "--dry-run", "--epochs", 40, "--jobs", 2)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    train = {opts(shlex.split(ln))["--name"][0]: opts(shlex.split(ln)) for ln in lines
+             if ln.startswith("python train.py")}
+    assert set(train) == {f"{r}_s{k}" for r in ("study", "fast") for k in range(3)}
+    for name, o in train.items():
+        # all of cars_train, a fixed length, nothing chosen on the reported split; one thread per side-by-side run
+        assert o["--val-split"] == ["0.0"] and o["--patience"] == ["0"] and o["--epochs"] == ["40"]
+        assert o["--threads"] == ["1"] and o["--seed"] == [name[-1]]
+        assert o["--out"][0].endswith("recipes_40ep")
+        if name.startswith("study"):
+            assert o["--recipe"] == ["study"] and o["--milestones"] == ["21", "25", "29", "33"]
+        else:
+            assert o["--recipe"] == ["fast"] and "--milestones" not in o
+    evals = [ln for ln in lines if ln.startswith("python evaluate.py")]
+    assert len(evals) == 6 and all("/final.pt" in e for e in evals)
+    assert all(X.FAST_EVAL == [] or (" ".join(X.FAST_EVAL) in e) == ("/fast_s" in e) for e in evals)
+
+
+@pytest.mark.slow
+def test_recipes_campaign_side_by_side_and_budget_curve(smoke, tmp_path):
+    """Two seeds' worth of study/fast runs, two at a time, on the tiny synthetic set: the tables, the mean and
+    sd per recipe, and a budget curve over two lengths."""
+    _, _, argv = smoke
+    demo = argv[argv.index("--data") + 1]
+    folders = []
+    for epochs in (1, 2):
+        out = tmp_path / f"r{epochs}"
+        rc = X.main(["--campaign", "recipes", "--seeds", "2" if epochs == 1 else "1", "--jobs", "2",
+                     "--epochs", str(epochs), "--img-size", "32", "--data", demo, "--out", str(out),
+                     "--device", "cpu", "--batch-size", "8", "--eval-runs", "1",
+                     "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'}"])
+        assert rc == 0
+        folders.append(out)
+    res = json.loads((folders[0] / "results.json").read_text())
+    assert res["settings"]["campaign"] == "recipes" and res["summary"]["fast"]["runs"] == 2
+    for r in res["experiments"]:
+        assert r["state"] == "done" and r["train_wall_s"] > 0
+        assert (tmp_path / "r1" / r["name"] / "final.pt").exists()
+        assert json.loads((tmp_path / "r1" / r["name"] / "config.json").read_text())["options"]["val_split"] == 0.0
+    md = (folders[0] / "results.md").read_text()
+    t1 = [100 * r["test_top1"] for r in res["experiments"] if r["step"] == "fast"]
+    import statistics
+    assert f"| fast | 2 | {statistics.mean(t1):.2f} ± {statistics.stdev(t1):.2f} |" in md
+    assert "side by side" in md
+    assert X.main(["--budget-curve", *map(str, folders), "--out", str(tmp_path)]) == 0
+    curve = (tmp_path / "budget_curve.md").read_text()
+    assert "| 1 | 2 |" in curve and "| 2 | 1 |" in curve
+    assert len(json.loads((tmp_path / "budget_curve.json").read_text())) == 6
+    assert (tmp_path / "budget_curve.png").exists() or importlib.util.find_spec("matplotlib") is None

@@ -46,6 +46,21 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str
     return errors[0]
 
 
+def kill_inside_epoch_2(common: list, run_dir: Path) -> None:
+    """Start the run `common --name <run_dir.name>` slowed down, SIGKILL it inside epoch 2 (after epoch 1's
+    files landed), and check that the kill did land there."""
+    proc = subprocess.Popen(train_cmd(*common, "--name", run_dir.name, "--debug-step-sleep", 0.4), cwd=REPO,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ((run_dir / "metrics.csv").exists() and len(read_rows(run_dir)) >= 1):
+        assert proc.poll() is None and time.time() < deadline, "the run to interrupt ended or stalled"
+        time.sleep(0.05)
+    time.sleep(0.6)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(read_rows(run_dir)) == 1, "the kill should have landed in epoch 2"
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     import data
@@ -93,18 +108,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_data, cache_dir):
     full = run_train(*common, "--name", "full")
     assert full.returncode == 0, full.stderr
 
-    # the same run, slowed down so that the kill lands inside epoch 2
-    proc = subprocess.Popen(train_cmd(*common, "--name", "cut", "--debug-step-sleep", 0.4), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "cut" / "metrics.csv"
-    deadline = time.time() + 120
-    while not (metrics.exists() and len(read_rows(tmp_path / "cut")) >= 1):
-        assert proc.poll() is None and time.time() < deadline, "the run to interrupt ended or stalled"
-        time.sleep(0.05)
-    time.sleep(0.6)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(read_rows(tmp_path / "cut")) == 1, "the kill should have landed in epoch 2"
+    kill_inside_epoch_2(common, tmp_path / "cut")
     resumed = run_train("--resume", tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout

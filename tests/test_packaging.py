@@ -1,0 +1,30 @@
+"""setup.py installs every top-level module the scripts import: a non-editable install, used from another
+folder, runs train.py's and export.py's imports (a py_modules list once left out augment and export)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_non_editable_install_imports_every_script(tmp_path):
+    target = tmp_path / "site"
+    env = {**os.environ, "GHOST_EXT": "0"}  # no compiled kernels: this is about the Python modules, and fast
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--target", str(target), str(REPO)], env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert build.returncode == 0, build.stderr[-3000:]
+    scripts = sorted(p.stem for p in REPO.glob("*.py") if p.stem != "setup")
+    installed = sorted(p.stem for p in target.glob("*.py"))
+    assert installed == scripts
+    # from an empty folder, with only the installed copy on the path (not the repository)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    run = subprocess.run([sys.executable, "-c", "import " + ", ".join(scripts) + "; import ghost_ext; "
+                          "print(train.__file__, export.__file__)"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert all(f.startswith(str(target)) for f in run.stdout.split()), run.stdout

@@ -1,0 +1,207 @@
+"""The short-budget recipe's parts in train.py: the per-step LR schedule with warm-up, the EMA of the
+weights, parameter groups without weight decay on norms and biases, the --recipe presets, final.pt, and
+exact resume with all of them after SIGKILL."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import train
+from test_train import TIMING, kill_inside_epoch_2, read_rows, run_train
+
+
+def test_lr_factor_warms_up_then_decays_to_about_zero():
+    total, warmup = 100, 10
+    f = [train.lr_factor(s, total, warmup, "cosine") for s in range(total)]
+    assert f[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])  # linear from 1/10 to 1
+    assert f[warmup] == 1.0 and all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))  # monotone decay
+    assert 0 < f[-1] < 1e-3  # the last step runs at about zero, not at zero (that step would be wasted)
+    mid = warmup + (total - warmup) // 2
+    assert f[mid] == pytest.approx(0.5, abs=1e-12)  # cosine: half way down at half the decay
+    lin = [train.lr_factor(s, total, 0, "linear") for s in range(total)]
+    assert lin[0] == 1.0 and lin[-1] == pytest.approx(1 / total) and lin[50] == pytest.approx(0.5)
+    assert [train.lr_factor(s, total, 4, "none") for s in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]
+    floor = [train.lr_factor(s, total, 0, "cosine", floor=0.1) for s in (0, total - 1)]
+    assert floor[0] == 1.0 and floor[1] == pytest.approx(0.1, abs=1e-3)
+
+
+def _sched_args(**kw):
+    base = dict(scheduler="cosine", warmup_epochs=0.5, epochs=4, lr=0.1, min_lr=0.0, milestones=[2], gamma=0.1,
+                exp_base=0.9, plateau_factor=0.1, plateau_patience=1)
+    return type("A", (), {**base, **kw})
+
+
+def test_scheduler_steps_per_optimizer_step_and_resumes_to_the_same_values():
+    """LR of every optimizer step over a 4-epoch run of 10 steps per epoch; a scheduler rebuilt from the
+    state_dict saved after step 17 (inside epoch 2, as a --max-steps or SIGKILL resume does) continues with
+    the very same values."""
+    def run(stop=None, state=None):
+        p = nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=0.1)
+        sched, per_step = train.make_scheduler(_sched_args(), opt, steps_per_epoch=10)
+        assert per_step
+        if state is not None:
+            opt.load_state_dict(state[0])
+            sched.load_state_dict(state[1])
+        lrs = []
+        for s in range(state[2] if state else 0, 40):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            if stop is not None and s + 1 == stop:
+                return lrs, (opt.state_dict(), sched.state_dict(), stop)
+        return lrs, None
+
+    full, _ = run()
+    assert full[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # warm-up: 0.5 epochs = 5 steps
+    assert full[-1] < 0.01 * 0.1  # about zero at the end
+    assert all(a > b for a, b in zip(full[5:], full[6:]))  # after the peak, a lower value every step
+    head, state = run(stop=17)
+    tail, _ = run(state=state)
+    assert head + tail == full
+
+
+def test_per_epoch_schedules_are_unchanged_and_refuse_warmup():
+    p = nn.Parameter(torch.zeros(1))
+    sched, per_step = train.make_scheduler(_sched_args(scheduler="multistep", warmup_epochs=0),
+                                           torch.optim.SGD([p], lr=0.1), 10)
+    assert isinstance(sched, torch.optim.lr_scheduler.MultiStepLR) and not per_step
+    assert train.make_scheduler(_sched_args(scheduler="none", warmup_epochs=0), torch.optim.SGD([p], lr=0.1),
+                                10) == (None, False)
+    args, _ = train.parse_args(["--warmup-epochs", "1"])  # multistep (the study's) + warm-up
+    with pytest.raises(train.TrainError, match="warmup-epochs"):
+        train.check_options(args)
+
+
+def test_ema_matches_a_hand_recount_including_batchnorm_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    decay = 0.9
+    ema = train.make_ema(net, decay)
+    expect = {k: v.clone().double() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for n in range(1, 30):  # the first update copies; then decay ramps up as min(decay, (1+n)/(10+n))
+        net(torch.randn(8, 3)).pow(2).mean().backward()  # training mode: BN running stats move too
+        opt.step()
+        opt.zero_grad()
+        ema.update_parameters(net)
+        d = min(decay, (1 + (n - 1)) / (10 + (n - 1))) if n > 1 else 0.0
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                expect[k] = expect[k] if n > 1 else v.double()
+                expect[k] = d * expect[k] + (1 - d) * v.double()
+            else:
+                expect[k] = v.clone()  # num_batches_tracked: copied
+    got = ema.module.state_dict()
+    for k, v in expect.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k].double(), v, rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(got[k], v), k
+    assert not torch.equal(got["1.running_mean"], net.state_dict()["1.running_mean"])  # an average, not a copy
+
+
+def test_param_groups_spare_norms_and_biases_only_when_asked():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    one = train.param_groups(net, 0.6, wd_norm_bias=True)  # the study: decay on everything
+    assert len(one) == 1 and one[0]["weight_decay"] == 0.6 and len(one[0]["params"]) == 6
+    two = train.param_groups(net, 0.05, wd_norm_bias=False)
+    decayed, spared = two[0]["params"], two[1]["params"]
+    assert two[0]["weight_decay"] == 0.05 and two[1]["weight_decay"] == 0.0
+    assert {id(p) for p in decayed} == {id(net[0].weight), id(net[3].weight)}
+    assert {id(p) for p in spared} == {id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[3].bias)}
+    opt = torch.optim.AdamW(two, lr=1.0)
+    bn, conv = net[1].weight.detach().clone(), net[0].weight.detach().clone()
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradients: only weight decay can move a parameter
+    assert torch.equal(net[1].weight, bn)
+    torch.testing.assert_close(net[0].weight.detach(), conv * (1 - 0.05))  # decoupled decay: w -= lr * wd * w
+
+
+def test_recipe_presets_and_explicit_flags():
+    study, _ = train.parse_args([])
+    assert (study.recipe, study.scheduler, study.warmup_epochs, study.ema, study.wd_norm_bias) == \
+        ("study", "multistep", 0.0, 0.0, True)
+    fast, explicit = train.parse_args(["--recipe", "fast", "--lr", "0.01"])
+    for k, v in train.RECIPES["fast"].items():
+        assert getattr(fast, k) == (0.01 if k == "lr" else v), k
+    assert explicit == {"recipe", "lr"}
+    assert fast.img_size == study.img_size  # a recipe sets training values, not the input the user chose
+    demo, _ = train.parse_args(["--recipe", "fast", "--demo"])
+    assert demo.img_size == train.DEMO_DEFAULTS["img_size"] and demo.ema == train.RECIPES["fast"]["ema"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import data
+    root = tmp_path_factory.mktemp("recipe")
+    return (data.make_demo_dataset(root / "demo", num_classes=3, train_per_class=12, test_per_class=4, seed=0),
+            root / "cache")
+
+
+def test_fast_recipe_writes_ema_weights_to_best_and_final(tmp_path, tiny):
+    data_dir, cache = tiny
+    proc = run_train("--data", data_dir, "--out", tmp_path, "--name", "f", "--cache-dir", cache, "--recipe", "fast",
+                     "--img-size", 32, "--batch-size", 8, "--epochs", 2, "--device", "cpu", "--ema", "0.9")
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "f"
+    last = torch.load(run / "last.pt", weights_only=True)
+    final = torch.load(run / "final.pt", weights_only=True)
+    assert last["ema"] is not None and "optimizer" not in final and "ema" not in final
+    ema_weights = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    for k, v in final["model"].items():  # final.pt = the averaged model, not the raw one
+        assert torch.equal(v, ema_weights[k]), k
+    assert any(not torch.equal(v, last["model"][k]) for k, v in final["model"].items() if v.is_floating_point())
+    rows = read_rows(run)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] < lrs[1]  # warm-up (2 epochs): epoch 1 starts near zero
+    import json
+
+    import evaluate
+    for size in ("32", "40"):  # the training size, and a larger test size (FixRes)
+        assert evaluate.main(["--checkpoint", str(run / "final.pt"), "--data", str(data_dir), "--cache-dir",
+                              str(cache), "--img-size", size, "--no-efficiency", "--tta",
+                              "--json", str(tmp_path / f"ev{size}.json")]) == 0
+    at32, at40 = (json.loads((tmp_path / f"ev{s}.json").read_text())["metrics"] for s in ("32", "40"))
+    assert (at40["img_size"], at40["train_img_size"], at32["img_size"]) == (40, 32, 32)
+    assert at40["loss"] != at32["loss"]  # other pixels went in
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact_with_ema_and_per_step_schedule(tmp_path, tiny):
+    data_dir, cache = tiny
+    common = ["--data", data_dir, "--out", tmp_path, "--cache-dir", cache, "--img-size", 32, "--batch-size", 8,
+              "--epochs", 3, "--deterministic", "--device", "cpu", "--seed", 4, "--recipe", "fast",
+              "--warmup-epochs", 0.5, "--ema", 0.9]
+    full = run_train(*common, "--name", "full")
+    assert full.returncode == 0, full.stderr
+    kill_inside_epoch_2(common, tmp_path / "cut")
+    resumed = run_train("--resume", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr
+
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(read_rows(tmp_path / "cut")) == strip(read_rows(tmp_path / "full"))
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == a["step"]
+    assert math.isclose(a["optimizer"]["param_groups"][0]["lr"], b["optimizer"]["param_groups"][0]["lr"])
+
+
+def test_zero_init_residual_starts_every_residual_block_as_its_shortcut():
+    import model as M
+    torch.manual_seed(0)
+    net = M.build_model("ghostnet", 5, ghost_op="torch")
+    assert M.zero_init_residual(net) == 16  # every GhostBottleneck of GhostNet 1.0
+    net.train()
+    x = torch.randn(4, 16, 24, 24)
+    block = net.blocks[0][0]  # 16 -> 16, stride 1: identity shortcut
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+    y = torch.randn(4, 16, 24, 24)
+    down = net.blocks[1][0]  # 16 -> 24, stride 2: the output is the projection shortcut alone
+    torch.testing.assert_close(down(y), down.shortcut(y), rtol=0, atol=0)
+    assert M.zero_init_residual(M.build_model("resnet18", 5)) == 0
