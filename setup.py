@@ -4,7 +4,8 @@ of torch are present (a GPU is not needed to compile them).
     pip install --no-build-isolation -e .            # or: python setup.py build_ext --inplace
 
 Environment: GHOST_EXT=0 builds no kernels (the plain-PyTorch fallback only); GHOST_EXT_CUDA=1 forces
-the CUDA kernels (error if they cannot be built), =0 skips them; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0"; MAX_JOBS limits ninja's parallel jobs.
+the CUDA kernels (error if they cannot be built), =0 skips them; TORCH_CUDA_ARCH_LIST defaults to
+"8.0;9.0"; MAX_JOBS limits ninja's parallel jobs.
 """
 import os
 from pathlib import Path

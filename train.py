@@ -671,7 +671,6 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     scheduler, per_step = make_scheduler(args, optimizer, len(train_loader))
     # the weights that are validated and saved for use: the average when --ema is on
     ema = make_ema(model, args.ema) if args.ema else None
-    eval_net = (lambda: ema.module) if ema is not None else (lambda: train_model)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     # ---- run folder and the state that resume restores
@@ -891,7 +890,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                     dist.broadcast(b, 0)
 
             # validation: the same loss as training (as the reference), top-1 and top-5
-            net = eval_net()
+            net = ema.module if ema is not None else train_model
             net.eval()
             v_loss, v_top1, v_top5, v_seen = 0.0, 0, 0, 0
             top_k = min(5, num_classes)

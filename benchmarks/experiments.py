@@ -331,6 +331,7 @@ def collect(pl: Plan) -> dict:
     m, eff = ev.get("metrics") or {}, ev.get("efficiency") or {}
     row.update(
         epochs_run=len(rows) or None,
+        final_train_acc=float(rows[-1]["train_acc"]) if rows else None,
         best_epoch=m.get("epoch"),
         val_top1=max((float(r["val_acc"]) for r in rows), default=None),
         train_img_per_s=statistics.median(float(r["img_per_s"]) for r in rows) if rows else None,
@@ -533,10 +534,8 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
     L += ["", "| run | seed | test top-1 % | test top-5 % | final train acc % | train wall | s/epoch |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:
-        m = read_metrics_csv(REPO / r["run_dir"] / "metrics.csv") if r["state"] != "other" else []
-        tr = f"{100 * float(m[-1]['train_acc']):.1f}" if m else "–"
         L.append(f"| `{r['name']}`{_status(r)} | {args.seed + r['seed_offset']} | {_pct(r.get('test_top1'))} | "
-                 f"{_pct(r.get('test_top5'))} | {tr} | {_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} |")
+                 f"{_pct(r.get('test_top5'))} | {'–' if r.get('final_train_acc') is None else f"{100 * r['final_train_acc']:.1f}"} | {_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} |")
     L += ["", "## Commands", "", "```"]
     return write_md(L, rows, args.out)
 
