@@ -534,8 +534,9 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
     L += ["", "| run | seed | test top-1 % | test top-5 % | final train acc % | train wall | s/epoch |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:
+        tr = "–" if r.get("final_train_acc") is None else f"{100 * r['final_train_acc']:.1f}"
         L.append(f"| `{r['name']}`{_status(r)} | {args.seed + r['seed_offset']} | {_pct(r.get('test_top1'))} | "
-                 f"{_pct(r.get('test_top5'))} | {'–' if r.get('final_train_acc') is None else f"{100 * r['final_train_acc']:.1f}"} | {_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} |")
+                 f"{_pct(r.get('test_top5'))} | {tr} | {_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} |")
     L += ["", "## Commands", "", "```"]
     return write_md(L, rows, args.out)
 
