@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from augment import BatchTransform, add_augment_args, augment_from_args
+from augment import BatchTransform, add_augment_args, augment_from_args, mix_batch
 from evaluate import cpu_name, pick_device
 from model import (ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint,
                    zero_init_residual)
@@ -326,6 +326,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise TrainError(f"--label-smoothing must lie in [0, 1) (got {args.label_smoothing})")
     if not 0 <= args.dropout < 1:
         raise TrainError(f"--dropout must lie in [0, 1) (got {args.dropout})")
+    if not 0 <= args.mix_prob <= 1:
+        raise TrainError(f"--mix-prob must lie in [0, 1] (got {args.mix_prob}); 0 turns mixing off")
     if not 0 <= args.ema < 1:
         raise TrainError(f"--ema must lie in [0, 1), e.g. 0.999 (got {args.ema}); 0 turns it off")
     if args.warmup_epochs < 0 or (args.warmup_epochs and args.scheduler in PER_EPOCH_SCHEDULES):
@@ -832,9 +834,14 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
                        disable=not is_main, initial=resume_at)
             for i, (images, labels) in enumerate(bar, resume_at + 1):
                 x = to_input(images, True, aug_gen)
+                lam = 1.0
+                if args.mix_prob > 0:  # never drawn when off, so the other recipes' random streams stay as they were
+                    x, lam = mix_batch(x, args.mix, args.mix_prob, aug_gen)
                 with autocast:
                     logits = train_model(x)
                     loss = criterion(logits.float(), labels)
+                    if lam < 1.0:  # cross entropy is linear in the target: blending losses = blending labels
+                        loss = lam * loss + (1 - lam) * criterion(logits.float(), labels.roll(1, 0))
                 step += 1
                 if args.debug_nan_step is not None and step >= args.debug_nan_step:
                     loss = loss * float("nan")
