@@ -33,7 +33,9 @@ import time
 import types
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -521,40 +523,161 @@ def state_hash(state: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# training
+# training: the spine (train) and its steps, in the order they run
+
+@dataclass
+class Setup:
+    """Where and how the steps run: one process or torchrun's several, the device, the precision."""
+    rank: int
+    world: int
+    local_rank: int
+    ddp: bool
+    device: torch.device
+    backend: str | None
+    ghost_op: str  # the GhostModules' implementation (torch under --sync-bn with several processes)
+    amp_dtype: torch.dtype | None  # None: no autocast
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def is_main(self) -> bool:  # only rank 0 writes the run folder, logs and progress bars
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+
+@dataclass
+class Data:
+    """The decoded splits, their loaders and the batch transform (augmentation, normalisation)."""
+    spec: data.DatasetSpec
+    prep: data.Preprocess
+    augment: dict | None
+    erase: dict | None
+    train: data.Decoded
+    val: data.Decoded
+    train_loader: data.BatchLoader
+    val_loader: data.BatchLoader
+    transform: BatchTransform
+
+
+@dataclass
+class Learner:
+    """What the steps change: the model, its optimiser and schedule, the weight average, the loss."""
+    model: nn.Module  # plain state_dict names (checkpoints)
+    train_model: nn.Module  # what runs the steps: the model, wrapped by DDP and/or torch.compile
+    model_options: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_step: bool  # the scheduler steps per optimizer step (else per epoch)
+    ema: torch.optim.swa_utils.AveragedModel | None
+    criterion: nn.Module
+    base_lr: float
+
+    def eval_model(self) -> nn.Module:  # validated and saved for use: the average when --ema is on
+        return self.ema.module if self.ema is not None else self.train_model
+
+
+@dataclass
+class Progress:
+    """Where the run is, and what early stopping and best.pt remember: what last.pt restores."""
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps in all
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0, "min_val_loss": math.inf,
+                                                "min_val_loss_epoch": 0})
+    bad_epochs: int = 0
+    partial: dict | None = None  # a stop inside an epoch: that epoch's position, generator and sums so far
+
+
+@dataclass
+class EpochStats:
+    lr: float  # the learning rate at the epoch's first step
+    loss_sum: float
+    correct: torch.Tensor  # on the device: counting it needs no sync per step
+    seen: int
+    seconds: float
+    aug_gen: torch.Generator
+    limit_reached: bool = False  # --max-steps reached in this epoch
+    stopped_inside: int = 0  # ... before its last step: the steps done (the epoch is not complete)
+
 
 def train(args: argparse.Namespace, explicit: set[str]) -> int:
-    # ---- resume: the run's own saved options, but for the few that may change (given explicitly)
-    resume_ckpt = None
-    if args.resume:
-        run_dir = Path(args.resume)
-        last = run_dir / "last.pt"
-        if not last.exists():
-            raise TrainError(f"{last} not found; --resume takes a run folder holding last.pt "
-                             f"(written after each completed epoch)")
-        resume_ckpt = load_checkpoint(last)
-        saved = dict(resume_ckpt["config"])
-        for k in RESUME_OVERRIDABLE:
-            if k in explicit:
-                saved[k] = getattr(args, k)
-        for k in NOT_INHERITED:
-            saved[k] = getattr(args, k)
-        saved["resume"] = args.resume
-        args = argparse.Namespace(**{**vars(args), **saved})
+    args, resume_ckpt = resume_options(args, explicit)
     check_options(args)
-    augment, erase = augment_from_args(args)  # unknown augmentation names fail here, before decoding
-    prep = data.preprocess_from_args(args)
+    env = set_up(args)
+    d = load_data(args, env)
+    learner = build_learner(args, env, d)
+    prog = restore(resume_ckpt, args, env, learner) if resume_ckpt is not None else Progress()
+    run_dir, rows, config = open_run_folder(args, env, d, learner, prog, resumed=resume_ckpt is not None)
 
-    # ---- several processes (torchrun) or one; the device
+    def checkpoint() -> dict:
+        return make_checkpoint(args, env, d, learner, prog, config)
+
+    stop_reason, stopped_inside = None, 0
+    # what last.pt holds beyond its completed epochs, for the message of a Ctrl-C
+    held_partial = (prog.partial["epoch"], prog.partial["batches"]) if prog.partial else None
+    try:
+        for epoch in range(prog.epoch + 1, args.epochs + 1):
+            stats = train_epoch(args, env, d, learner, prog, epoch)
+            if stats.limit_reached:
+                stop_reason = f"--max-steps {args.max_steps} reached"
+            if stats.stopped_inside:
+                stopped_inside = stats.stopped_inside
+                if not env.ddp:  # torchrun's last.pt stays at the last completed epoch (no per-rank RNG state)
+                    save_partial(checkpoint(), stats, epoch, run_dir)
+                break
+            if env.ddp:
+                sync_ranks(env, learner, stats)
+            val = validate(env, d, learner, args.channels_last)
+            stop_reason = end_epoch(args, learner, prog, epoch, val) or stop_reason
+            if env.is_main:
+                save_epoch(checkpoint(), learner, run_dir, val["is_best"])
+            held_partial = None
+            rows.append(metrics_row(epoch, stats, val))
+            report_epoch(rows, run_dir, args.epochs, env.is_main, val["is_best"])
+            if os.environ.get(DDP_DEBUG_ENV):
+                write_ddp_report(run_dir, env, prog, d, learner, val)
+            if stop_reason:
+                break
+    except KeyboardInterrupt:
+        return interrupted(rows, held_partial, run_dir, env.is_main)
+    except NonFiniteLoss as e:
+        done = rows[-1]["epoch"] if rows else 0
+        kept = (f"{run_dir / 'last.pt'} (epoch {done}) and best.pt are kept" if done
+                else "no epoch had completed, so there is no checkpoint")
+        print(f"error: {e}; stopped, {kept}; try a lower --lr (or --no-amp)", file=sys.stderr)
+        return 1
+    return finish(args, env, d, learner, prog, run_dir, checkpoint, stop_reason, stopped_inside)
+
+
+def resume_options(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.Namespace, dict | None]:
+    """--resume: the run's own saved options, but for the few that may change (given explicitly)."""
+    if not args.resume:
+        return args, None
+    last = Path(args.resume) / "last.pt"
+    if not last.exists():
+        raise TrainError(f"{last} not found; --resume takes a run folder holding last.pt "
+                         f"(written after each completed epoch)")
+    ckpt = load_checkpoint(last)
+    saved = dict(ckpt["config"])
+    for k in RESUME_OVERRIDABLE:
+        if k in explicit:
+            saved[k] = getattr(args, k)
+    for k in NOT_INHERITED:
+        saved[k] = getattr(args, k)
+    saved["resume"] = args.resume
+    return argparse.Namespace(**{**vars(args), **saved}), ckpt
+
+
+def set_up(args: argparse.Namespace) -> Setup:
+    """Processes (torchrun or one), device, threads, determinism, seeds and precision."""
     denv = distributed_env()
     ddp = denv is not None
     rank, world, local_rank = (denv["rank"], denv["world_size"], denv["local_rank"]) if ddp else (0, 1, 0)
-    is_main = rank == 0  # only rank 0 writes the run folder, logs and progress bars
     device = distributed_device(args.device, local_rank) if ddp else resolve_device(args.device)
     if args.sync_bn and ddp and device.type != "cuda":
         raise TrainError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop --sync-bn for CPU (gloo) runs")
     backend = init_distributed(denv, device) if ddp else None
-    if ddp and not is_main:
+    if ddp and rank != 0:
         sys.stdout = open(os.devnull, "w")  # main() restores it; errors still reach stderr
         warnings.filterwarnings("ignore")  # one copy of each warning (rank 0's) is enough
     if args.sync_bn and not ddp:
@@ -563,13 +686,12 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     if args.sync_bn and ddp and args.arch.startswith("ghostnet"):
         # the fused op normalises the cheap branch with this rank's statistics only; the plain path runs the
         # GhostModules' BNs as (Sync)BatchNorm modules (see sync_ghost_modules), so every BN is synchronised
-        if ghost_op != "torch" and is_main:
+        if ghost_op != "torch" and rank == 0:
             print(f"warning: --sync-bn: the fused ghost_ext op uses per-rank BatchNorm statistics, so the "
                   f"GhostModules run the plain PyTorch path (--ghost-op torch instead of {ghost_op}) with "
                   f"SyncBatchNorm", file=sys.stderr)
         ghost_op = "torch"
 
-    # ---- determinism
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ghost_op == "ext" and args.arch.startswith("ghostnet"):
@@ -592,19 +714,23 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     amp_dtype = args.amp_dtype
     if amp_dtype == "auto":
         amp_dtype = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
-    amp_dtype = getattr(torch, amp_dtype)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
+    amp_dtype = getattr(torch, amp_dtype) if use_amp else None
     # float16 has too little range for gradients: scale the loss (bfloat16 has float32's range, no need)
-    scaler = torch.amp.GradScaler(device.type) if use_amp and amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return Setup(rank, world, local_rank, ddp, device, backend, ghost_op, amp_dtype, scaler)
 
-    # ---- data: decode each split once into uint8 tensors; augment on the training device per batch.
-    # Under torchrun each machine's local rank 0 makes the demo data and builds the decoded cache while the
-    # other ranks wait at the barrier; they then find everything in place and just open the cache.
-    if ddp and local_rank != 0:
+
+def load_data(args: argparse.Namespace, env: Setup) -> Data:
+    """Decode each split once into uint8 tensors (cached); batches are augmented on the training device.
+    Under torchrun each machine's local rank 0 makes the demo data and builds the decoded cache while the
+    other ranks wait at the barrier; they then find everything in place and just open the cache."""
+    augment, erase = augment_from_args(args)  # unknown augmentation names fail here, before decoding
+    prep = data.preprocess_from_args(args)
+    if env.ddp and env.local_rank != 0:
         dist.barrier()
     if args.demo and not args.resume:
         demo_root = Path(args.out) / "demo_data"
-        if local_rank == 0:
+        if env.local_rank == 0:
             print(f"demo: making SYNTHETIC data (car-like drawings, not photos) in {demo_root}")
             args.data = str(data.make_demo_dataset(demo_root, seed=args.seed, **DEMO_DATA))
         else:
@@ -622,47 +748,47 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
           f"{len(train_records)} train, {len(val_records)} {val_name}")
     train_data = data.decode_cached(train_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="train")
     val_data = data.decode_cached(val_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="val")
-    if ddp and local_rank == 0:
+    if env.ddp and env.local_rank == 0:
         dist.barrier()
     if len(train_data.labels) == 0 or len(val_data.labels) == 0:
         raise TrainError(f"{args.data}: no readable training or validation images; check the dataset folder")
     drop_last = len(train_data.labels) > args.batch_size  # a last batch of 1 would break BatchNorm
-    if ddp:
+    if env.ddp:
         # every rank must make the same number of steps (each step all-reduces gradients): always drop the tail
         drop_last = True
-        if len(train_data.labels) // world < args.batch_size:
-            raise TrainError(f"{len(train_data.labels)} training images give each of the {world} ranks fewer than "
-                             f"--batch-size {args.batch_size} (a per-rank batch); lower --batch-size")
+        if len(train_data.labels) // env.world < args.batch_size:
+            raise TrainError(f"{len(train_data.labels)} training images give each of the {env.world} ranks fewer "
+                             f"than --batch-size {args.batch_size} (a per-rank batch); lower --batch-size")
     # under torchrun each rank reads its own shard: the same (seed, epoch) permutation, positions rank::world;
     # validation is sharded without padding, and its sums are all-reduced, so each image counts once
-    train_loader = data.BatchLoader(train_data, args.batch_size, shuffle=True, drop_last=drop_last,
-                                    device=device, seed=args.seed, rank=rank, world_size=world)
-    val_loader = data.BatchLoader(val_data, args.batch_size, shuffle=False, drop_last=False, device=device,
-                                  seed=args.seed, rank=rank, world_size=world)
-    transform = BatchTransform(prep, augment, erase)
-    num_classes = len(spec.class_names)
+    shard = dict(device=env.device, seed=args.seed, rank=env.rank, world_size=env.world)
+    train_loader = data.BatchLoader(train_data, args.batch_size, shuffle=True, drop_last=drop_last, **shard)
+    val_loader = data.BatchLoader(val_data, args.batch_size, shuffle=False, drop_last=False, **shard)
+    return Data(spec, prep, augment, erase, train_data, val_data, train_loader, val_loader,
+                BatchTransform(prep, augment, erase))
 
-    # ---- model, optimizer, schedule
-    model_options = dict(out_channels=args.out_channels, dropout=args.dropout, in_channels=prep.channels,
+
+def build_learner(args: argparse.Namespace, env: Setup, d: Data) -> Learner:
+    """The model (with --zero-init-residual / --init-from), optimizer, schedule, EMA and loss."""
+    model_options = dict(out_channels=args.out_channels, dropout=args.dropout, in_channels=d.prep.channels,
                          width=args.width)
     try:
-        model = build_model(args.arch, num_classes, ghost_op=ghost_op, **model_options)
+        model = build_model(args.arch, len(d.spec.class_names), ghost_op=env.ghost_op, **model_options)
     except ValueError as e:  # e.g. an out-channels or width that the architecture can't take
         raise TrainError(f"{e}; fix the model options (see python train.py --help)") from None
-    if args.zero_init_residual:
-        if zero_init_residual(model) == 0:
-            raise TrainError(f"--zero-init-residual needs a GhostNet (--arch ghostnet or ghostnet_official), "
-                             f"not {args.arch}")
-    if args.init_from and resume_ckpt is None:
+    if args.zero_init_residual and zero_init_residual(model) == 0:
+        raise TrainError(f"--zero-init-residual needs a GhostNet (--arch ghostnet or ghostnet_official), "
+                         f"not {args.arch}")
+    if args.init_from and not args.resume:
         print(init_from(model, args.init_from))
-    model.to(device)
+    model.to(env.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.sync_bn and ddp:
+    if args.sync_bn and env.ddp:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, same state_dict keys
         sync_ghost_modules(model)
     # the learning rate is the one given, whatever the world size, unless --scale-lr (linear scaling rule)
-    base_lr = args.lr * world if args.scale_lr else args.lr
+    base_lr = args.lr * env.world if args.scale_lr else args.lr
     groups = param_groups(model, args.wd, args.wd_norm_bias)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=base_lr)
@@ -670,340 +796,367 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
         optimizer = torch.optim.Adam(groups, lr=base_lr)
     else:
         optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=args.momentum)
-    scheduler, per_step = make_scheduler(args, optimizer, len(train_loader))
-    # the weights that are validated and saved for use: the average when --ema is on
+    scheduler, per_step = make_scheduler(args, optimizer, len(d.train_loader))
     ema = make_ema(model, args.ema) if args.ema else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    train_model = model
+    if env.ddp:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    return Learner(model, train_model, model_options, optimizer, scheduler, per_step, ema,
+                   nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), base_lr)
 
-    # ---- run folder and the state that resume restores
-    start_epoch, step = 0, 0
-    best = {"val_acc": -1.0, "epoch": 0, "min_val_loss": math.inf, "min_val_loss_epoch": 0}
-    bad_epochs = 0
-    partial = None  # where inside an epoch a --max-steps stop saved last.pt (the next epoch's progress)
-    if resume_ckpt is not None:
+
+def restore(ckpt: dict, args: argparse.Namespace, env: Setup, learner: Learner) -> Progress:
+    """Load last.pt's weights, optimizer, schedule, scaler, EMA and RNG; return where the run was."""
+    run_dir = Path(args.resume)
+    partial = ckpt.get("partial")
+    if partial is not None and env.ddp:
+        raise TrainError(f"{run_dir / 'last.pt'} ends inside epoch {partial['epoch']} (a --max-steps stop of a "
+                         f"one-process run); resume it without torchrun until that epoch completes")
+    learner.model.load_state_dict(ckpt["model"])
+    learner.optimizer.load_state_dict(ckpt["optimizer"])
+    if learner.scheduler is not None and ckpt.get("scheduler") is not None:
+        learner.scheduler.load_state_dict(ckpt["scheduler"])
+    if env.scaler is not None and ckpt.get("scaler") is not None:
+        env.scaler.load_state_dict(ckpt["scaler"])
+    if learner.ema is not None:
+        if ckpt.get("ema") is None:
+            raise TrainError(f"{run_dir / 'last.pt'} holds no --ema state; resume it without --ema")
+        learner.ema.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"].get("cuda") is not None and env.device.type == "cuda" and not env.ddp:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    saved_world = int(ckpt.get("world_size", 1))
+    if args.scale_lr and saved_world != env.world:
+        # --scale-lr: the saved learning rates belong to the old world size; rescale them to this one
+        ratio = env.world / saved_world
+        for g in learner.optimizer.param_groups:
+            g["lr"] *= ratio
+            if "initial_lr" in g:
+                g["initial_lr"] *= ratio
+        if hasattr(learner.scheduler, "base_lrs"):
+            learner.scheduler.base_lrs = [x * ratio for x in learner.scheduler.base_lrs]
+            learner.scheduler._last_lr = [g["lr"] for g in learner.optimizer.param_groups]
+        print(f"--scale-lr: world size {saved_world} -> {env.world}, learning rates x{ratio:g}")
+    prog = Progress(epoch=ckpt["epoch"], step=ckpt.get("step", 0), best=dict(ckpt["best"]),
+                    bad_epochs=ckpt["early_stop"]["bad_epochs"], partial=partial)
+    print(f"resuming {run_dir} after epoch {prog.epoch}"
+          + (f" and {partial['batches']} steps of epoch {partial['epoch']}" if partial else "")
+          + (f" with {env.world} ranks (was {saved_world})" if saved_world != env.world else ""))
+    if prog.epoch >= args.epochs:
+        print(f"note: the run already has {prog.epoch} epochs (--epochs {args.epochs}); pass a larger "
+              f"--epochs to train on")
+    return prog
+
+
+def open_run_folder(args: argparse.Namespace, env: Setup, d: Data, learner: Learner, prog: Progress,
+                    resumed: bool) -> tuple[Path, list[dict], dict]:
+    """(run folder, metrics rows so far, config): a new folder, or the resumed one; config.json written."""
+    if resumed:
         run_dir = Path(args.resume)
-        partial = resume_ckpt.get("partial")
-        if partial is not None and ddp:
-            raise TrainError(f"{run_dir / 'last.pt'} ends inside epoch {partial['epoch']} (a --max-steps stop of a "
-                             f"one-process run); resume it without torchrun until that epoch completes")
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if scheduler is not None and resume_ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(resume_ckpt["scheduler"])
-        if scaler is not None and resume_ckpt.get("scaler") is not None:
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        if ema is not None:
-            if resume_ckpt.get("ema") is None:
-                raise TrainError(f"{run_dir / 'last.pt'} holds no --ema state; resume it without --ema")
-            ema.load_state_dict(resume_ckpt["ema"])
-        start_epoch = resume_ckpt["epoch"]
-        step = resume_ckpt.get("step", 0)
-        best = dict(resume_ckpt["best"])
-        bad_epochs = resume_ckpt["early_stop"]["bad_epochs"]
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        if resume_ckpt["rng"].get("cuda") is not None and device.type == "cuda" and not ddp:
-            torch.cuda.set_rng_state_all(resume_ckpt["rng"]["cuda"])
-        saved_world = int(resume_ckpt.get("world_size", 1))
-        if args.scale_lr and saved_world != world:
-            # --scale-lr: the saved learning rates belong to the old world size; rescale them to this one
-            ratio = world / saved_world
-            for g in optimizer.param_groups:
-                g["lr"] *= ratio
-                if "initial_lr" in g:
-                    g["initial_lr"] *= ratio
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [x * ratio for x in scheduler.base_lrs]
-                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-            print(f"--scale-lr: world size {saved_world} -> {world}, learning rates x{ratio:g}")
-        print(f"resuming {run_dir} after epoch {start_epoch}"
-              + (f" and {partial['batches']} steps of epoch {partial['epoch']}" if partial else "")
-              + (f" with {world} ranks (was {saved_world})" if saved_world != world else ""))
-        if start_epoch >= args.epochs:
-            print(f"note: the run already has {start_epoch} epochs (--epochs {args.epochs}); pass a larger "
-                  f"--epochs to train on")
     else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = args.name or f"{stamp}-{'demo' if args.demo else args.arch}"
-        run_dir = Path(args.out) / name
-        if ddp:  # one name for all ranks: rank 0's clock
+        name = args.name or f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{'demo' if args.demo else args.arch}"
+        if env.ddp:  # one name for all ranks: rank 0's clock
             obj = [name]
             dist.broadcast_object_list(obj, src=0)
             name = obj[0]
-            run_dir = Path(args.out) / name
+        run_dir = Path(args.out) / name
         if (run_dir / "last.pt").exists():
             raise TrainError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                              f"or pick another --name")
-        if is_main:
+        if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
     # metrics.csv may hold a row for an epoch whose last.pt never landed (killed in between): drop it
-    rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= start_epoch]
-
-    n_params = count_params(model)
+    rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["epoch"] <= prog.epoch]
     config = {k: jsonable(v) for k, v in vars(args).items()}
     config["data"] = str(Path(args.data).resolve())  # so --resume works from any working directory
+    n_params = count_params(learner.model)
+    dev = {"type": env.device.type, "name": device_name(env.device), "threads": torch.get_num_threads()}
+    amp = str(env.amp_dtype).removeprefix("torch.")
     run_info = {
         "options": config, "command": shlex.join([sys.executable, *sys.argv]),
-        "run_dir": str(run_dir), "num_classes": num_classes, "class_names": spec.class_names,
-        "dataset": {"root": str(spec.root), "layout": spec.layout, "train": len(train_data.labels),
-                    "val": len(val_data.labels), "skipped": len(train_data.skipped) + len(val_data.skipped)},
-        "preprocess": prep.to_dict(), "augment": jsonable(augment), "erase": jsonable(erase),
-        "model_options": model_options, "num_params": n_params,
-        "amp": {"enabled": use_amp, "dtype": str(amp_dtype).removeprefix("torch."), "grad_scaler": scaler is not None},
-        "device": {"type": device.type, "name": device_name(device), "threads": torch.get_num_threads()},
+        "run_dir": str(run_dir), "num_classes": len(d.spec.class_names), "class_names": d.spec.class_names,
+        "dataset": {"root": str(d.spec.root), "layout": d.spec.layout, "train": len(d.train.labels),
+                    "val": len(d.val.labels), "skipped": len(d.train.skipped) + len(d.val.skipped)},
+        "preprocess": d.prep.to_dict(), "augment": jsonable(d.augment), "erase": jsonable(d.erase),
+        "model_options": learner.model_options, "num_params": n_params,
+        "amp": {"enabled": env.amp_dtype is not None, "dtype": amp, "grad_scaler": env.scaler is not None},
+        "device": dev,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": _version("torchvision"), "numpy": _version("numpy"),
                      "ghost_ext_compiled": _ghost_ext_compiled()},
         "git_commit": git_commit(), "platform": platform.platform(),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "resumed_after_epoch": start_epoch if resume_ckpt is not None else None,
+        "resumed_after_epoch": prog.epoch if resumed else None,
         # --batch-size is per rank: the optimizer step sees batch_size x world_size images
-        "distributed": {"world_size": world, "backend": backend, "per_rank_batch": args.batch_size,
-                        "global_batch": args.batch_size * world, "lr": base_lr, "scale_lr": bool(args.scale_lr),
-                        "sync_bn": bool(args.sync_bn and ddp), "ghost_op": ghost_op},
+        "distributed": {"world_size": env.world, "backend": env.backend, "per_rank_batch": args.batch_size,
+                        "global_batch": args.batch_size * env.world, "lr": learner.base_lr,
+                        "scale_lr": bool(args.scale_lr), "sync_bn": bool(args.sync_bn and env.ddp),
+                        "ghost_op": env.ghost_op},
     }
-    if is_main:
+    if env.is_main:
         atomic_write_text(json.dumps(run_info, indent=2) + "\n", run_dir / "config.json")
+    print(f"run: {run_dir}  arch {args.arch} ({n_params / 1e6:.2f} M params)  device {env.device} "
+          f"({dev['name']})  amp {amp if env.amp_dtype else 'off'}  img {args.img_size}  batch {args.batch_size}"
+          + (f" per rank x {env.world} ranks ({env.backend}) = {args.batch_size * env.world}" if env.ddp else ""))
+    return run_dir, rows, config
 
-    # `model` keeps the plain state_dict names (checkpoints); train_model is what runs the steps
-    train_model = model
-    if ddp:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    print(f"run: {run_dir}  arch {args.arch} ({n_params / 1e6:.2f} M params)  device {device} "
-          f"({run_info['device']['name']})  amp {run_info['amp']['dtype'] if use_amp else 'off'}  "
-          f"img {args.img_size}  batch {args.batch_size}"
-          + (f" per rank x {world} ranks ({backend}) = {args.batch_size * world}" if ddp else ""))
 
-    def checkpoint(epoch: int) -> dict:
-        return {
-            "format": CKPT_FORMAT, "arch": args.arch, "num_classes": num_classes,
-            "class_names": list(spec.class_names), "model_options": model_options,
-            "preprocess": prep.to_dict(), "model": model.state_dict(), "epoch": epoch, "step": step,
-            "best": dict(best), "config": config,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-            "early_stop": {"bad_epochs": bad_epochs},
-            "world_size": world,
-        }
+def make_checkpoint(args: argparse.Namespace, env: Setup, d: Data, learner: Learner, prog: Progress,
+                    config: dict) -> dict:
+    """last.pt: the model and everything an exact resume needs, after prog.epoch completed epochs."""
+    return {
+        "format": CKPT_FORMAT, "arch": args.arch, "num_classes": len(d.spec.class_names),
+        "class_names": list(d.spec.class_names), "model_options": learner.model_options,
+        "preprocess": d.prep.to_dict(), "model": learner.model.state_dict(), "epoch": prog.epoch, "step": prog.step,
+        "best": dict(prog.best), "config": config,
+        "optimizer": learner.optimizer.state_dict(),
+        "scheduler": learner.scheduler.state_dict() if learner.scheduler is not None else None,
+        "scaler": env.scaler.state_dict() if env.scaler is not None else None,
+        "ema": learner.ema.state_dict() if learner.ema is not None else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if env.device.type == "cuda" else None},
+        "early_stop": {"bad_epochs": prog.bad_epochs},
+        "world_size": env.world,
+    }
 
-    def model_file(ckpt: dict) -> dict:
-        """best.pt / final.pt: what inference needs, with the averaged weights when --ema is on."""
-        out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "rng", "early_stop", "ema")}
-        if ema is not None:
-            out["model"] = ema.module.state_dict()
-        return out
 
-    def to_input(images: torch.Tensor, train: bool, generator: torch.Generator | None) -> torch.Tensor:
-        x = transform(images, train=train, generator=generator)
-        return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+def model_file(ckpt: dict, learner: Learner) -> dict:
+    """best.pt / final.pt: what inference needs (a third of last.pt), the averaged weights with --ema."""
+    out = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "rng", "early_stop", "ema")}
+    if learner.ema is not None:
+        out["model"] = learner.ema.module.state_dict()
+    return out
 
-    # ---- the loop
-    epoch = start_epoch
-    stop_reason = None
-    stopped_inside = 0  # steps done in the current epoch when --max-steps ends the run inside it
-    # what last.pt holds beyond its completed epochs, for the message of a Ctrl-C
-    held_partial = (partial["epoch"], partial["batches"]) if partial is not None else None
-    try:
-        for epoch in range(start_epoch + 1, args.epochs + 1):
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            train_model.train()
-            # resuming inside this epoch: the same batch order from the saved step on
-            resume_at = partial["batches"] if partial is not None and partial["epoch"] == epoch else 0
-            train_loader.set_epoch(epoch, start_batch=resume_at)
-            # augmentation randomness from (seed, epoch) alone, so a resumed epoch sees the same images;
-            # under torchrun also from the rank (other images, other draws) and the same for dropout, so a
-            # resume with any world size is reproducible without per-rank RNG state in the checkpoint
-            aug_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch + 7_919 * rank)
-            if ddp:
-                torch.manual_seed(args.seed * 1_000_003 + epoch + 7_919 * rank)
-            loss_sum, seen, prior_seconds = 0.0, 0, 0.0
-            correct = torch.zeros((), dtype=torch.long, device=device)  # on the device: no sync per step
-            if resume_at:  # the partial epoch's generator and running sums, as the stop left them
-                aug_gen.set_state(partial["aug_gen"])
-                loss_sum, seen, prior_seconds = partial["loss_sum"], partial["seen"], partial["seconds"]
-                correct += partial["correct"]
-            partial = None
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
-                       disable=not is_main, initial=resume_at)
-            for i, (images, labels) in enumerate(bar, resume_at + 1):
-                x = to_input(images, True, aug_gen)
-                lam = 1.0
-                if args.mix_prob > 0:  # never drawn when off, so the other recipes' random streams stay as they were
-                    x, lam = mix_batch(x, args.mix, args.mix_prob, aug_gen)
-                with autocast:
-                    logits = train_model(x)
-                    loss = criterion(logits.float(), labels)
-                    if lam < 1.0:  # cross entropy is linear in the target: blending losses = blending labels
-                        loss = lam * loss + (1 - lam) * criterion(logits.float(), labels.roll(1, 0))
-                step += 1
-                if args.debug_nan_step is not None and step >= args.debug_nan_step:
-                    loss = loss * float("nan")
-                loss_val = loss.item()
-                if not math.isfinite(loss_val):
-                    raise NonFiniteLoss(f"loss became {loss_val} at epoch {epoch}, step {i} (global step {step})")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                if per_step:
-                    scheduler.step()
-                n = labels.shape[0]
-                loss_sum += loss_val * n
-                correct += (logits.argmax(1) == labels).sum()
-                seen += n
-                if i % 5 == 0 or i == len(train_loader):
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%",
-                                    img_s=f"{seen / (time.perf_counter() - t0 + prior_seconds):.0f}")
-                if args.debug_step_sleep:
-                    time.sleep(args.debug_step_sleep)
-                if args.max_steps is not None and step >= args.max_steps:
-                    stop_reason = f"--max-steps {args.max_steps} reached"
-                    stopped_inside = i if i < len(train_loader) else 0
-                    break
-            bar.close()
-            train_seconds = time.perf_counter() - t0 + prior_seconds
-            if stopped_inside:
-                # A stop inside the epoch: no validation, schedule or best.pt for a partial epoch (a run that
-                # goes on never had them there). last.pt keeps the completed epochs' record plus this
-                # epoch's progress, so --resume continues from this very step. Under torchrun the ranks'
-                # RNG states are not saved: last.pt stays at the last completed epoch.
-                if not ddp:
-                    ckpt = checkpoint(epoch - 1)
-                    ckpt["partial"] = {"epoch": epoch, "batches": stopped_inside, "aug_gen": aug_gen.get_state(),
-                                       "loss_sum": loss_sum, "correct": int(correct.item()), "seen": seen,
-                                       "seconds": train_seconds}
-                    atomic_save(ckpt, run_dir / "last.pt")
-                break
-            if ddp:
-                # the logged training numbers cover every rank's images; BN running statistics (buffers) are
-                # rank 0's everywhere, so all ranks validate (and rank 0 saves) the very same model
-                t = torch.tensor([loss_sum, correct.item(), seen], dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                loss_sum, correct, seen = t[0].item(), t[1].long(), int(t[2].item())
-                for b in [*model.buffers(), *(ema.module.buffers() if ema is not None else [])]:
-                    dist.broadcast(b, 0)
 
-            # validation: the same loss as training (as the reference), top-1 and top-5
-            net = ema.module if ema is not None else train_model
-            net.eval()
-            v_loss, v_top1, v_top5, v_seen = 0.0, 0, 0, 0
-            top_k = min(5, num_classes)
-            with torch.no_grad(), autocast:
-                for images, labels in val_loader:
-                    logits = net(to_input(images, False, None)).float()
-                    v_loss += criterion(logits, labels).item() * labels.shape[0]
-                    topk = logits.topk(top_k, 1).indices
-                    v_top1 += (topk[:, 0] == labels).sum().item()
-                    v_top5 += (topk == labels[:, None]).any(1).sum().item()
-                    v_seen += labels.shape[0]
-            v_seen_rank = v_seen
-            if ddp:  # each rank validated its own unpadded shard: sum, so each image counts exactly once
-                t = torch.tensor([v_loss, v_top1, v_top5, v_seen], dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                v_loss, v_top1, v_top5, v_seen = t[0].item(), int(t[1].item()), int(t[2].item()), int(t[3].item())
-            val_loss, val_acc, val_top5 = v_loss / v_seen, v_top1 / v_seen, v_top5 / v_seen
-            if not math.isfinite(val_loss):
-                raise NonFiniteLoss(f"validation loss became {val_loss} after epoch {epoch} (global step {step})")
+def to_input(d: Data, images: torch.Tensor, train: bool, generator: torch.Generator | None,
+             channels_last: bool) -> torch.Tensor:
+    x = d.transform(images, train=train, generator=generator)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-            # bookkeeping: schedule, best, early stopping, then the files (best.pt, last.pt, metrics.csv)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val_loss)
-            elif scheduler is not None and not per_step:
-                scheduler.step()
-            is_best = val_acc > best["val_acc"]
-            if is_best:
-                best["val_acc"], best["epoch"] = val_acc, epoch
-            lower_loss = val_loss < best["min_val_loss"]
-            if lower_loss:
-                best["min_val_loss"], best["min_val_loss_epoch"] = val_loss, epoch
-            bad_epochs = 0 if (lower_loss if args.early_stop_on == "val_loss" else is_best) else bad_epochs + 1
-            if os.environ.get(DDP_DEBUG_ENV) and run_dir.is_dir():  # test hook, see DDP_DEBUG_ENV
-                atomic_write_text(json.dumps({"rank": rank, "world_size": world, "epoch": epoch, "step": step,
-                                              "train_steps": len(train_loader), "val_seen_rank": v_seen_rank,
-                                              "val_seen": v_seen, "val_acc": val_acc, "val_loss": val_loss,
-                                              "state_sha256": state_hash(model.state_dict())}) + "\n",
-                                  run_dir / f"ddp_rank{rank}.json")
-            # best.pt before last.pt: a kill between the two then replays this epoch on --resume and
-            # writes best.pt again; the other order would leave a best.pt older than last.pt's record.
-            ckpt = checkpoint(epoch) if is_main else None
-            if is_best and is_main:  # best.pt is for using the model: without the resume state, a third of the size
-                atomic_save(model_file(ckpt), run_dir / "best.pt")
-            if is_main:
-                atomic_save(ckpt, run_dir / "last.pt")
-            held_partial = None
-            seconds = time.perf_counter() - t0 + prior_seconds
-            rows.append(dict(epoch=epoch, lr=lr, train_loss=loss_sum / max(seen, 1),
-                             train_acc=correct.item() / max(seen, 1), val_loss=val_loss, val_acc=val_acc,
-                             val_top5=val_top5, seconds=seconds, img_per_s=seen / train_seconds))
-            if is_main:
-                write_metrics(rows, run_dir / "metrics.csv")
-                plot_curves(rows, run_dir / "curves.png")
-            r = rows[-1]
-            print(f"epoch {epoch:3d}/{args.epochs}  lr {lr:.2e}  train loss {r['train_loss']:.4f} "
-                  f"acc {100 * r['train_acc']:5.1f}%  val loss {val_loss:.4f} acc {100 * val_acc:5.1f}% "
-                  f"top5 {100 * val_top5:5.1f}%  {seconds:5.1f}s {r['img_per_s']:6.0f} img/s"
-                  f"{'  *best' if is_best else ''}", flush=True)
-            if args.patience and bad_epochs >= args.patience:
-                stop_reason = (f"early stopping: no lower val loss for {args.patience} epochs "
-                               f"(min {best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']})"
-                               if args.early_stop_on == "val_loss" else
-                               f"early stopping: no higher val accuracy for {args.patience} epochs "
-                               f"(best {100 * best['val_acc']:.2f}% at epoch {best['epoch']})")
-            if stop_reason:
-                break
-    except KeyboardInterrupt:
-        done = rows[-1]["epoch"] if rows else 0
-        if not is_main:
-            pass
-        elif held_partial:
-            print(f"\ninterrupted in epoch {held_partial[0]}: {run_dir / 'last.pt'} holds epoch {done} and "
-                  f"{held_partial[1]} steps of epoch {held_partial[0]}, where the run was resumed (the steps since "
-                  f"are discarded).\nresume with: python train.py --resume {run_dir}", file=sys.stderr)
-        elif done:
-            print(f"\ninterrupted in epoch {done + 1}: {run_dir / 'last.pt'} holds epoch {done}, the last completed "
-                  f"one (the partial epoch is discarded).\nresume with: python train.py --resume {run_dir}",
-                  file=sys.stderr)
-        else:
-            print("\ninterrupted before the first epoch completed; nothing to resume", file=sys.stderr)
-        return 130
-    except NonFiniteLoss as e:
-        done = rows[-1]["epoch"] if rows else 0
-        kept = (f"{run_dir / 'last.pt'} (epoch {done}) and best.pt are kept" if done
-                else "no epoch had completed, so there is no checkpoint")
-        print(f"error: {e}; stopped, {kept}; try a lower --lr (or --no-amp)", file=sys.stderr)
-        return 1
 
+def train_epoch(args: argparse.Namespace, env: Setup, d: Data, learner: Learner, prog: Progress,
+                epoch: int) -> EpochStats:
+    """One pass over the training shard (from a saved step on, when resuming inside this epoch)."""
+    t0 = time.perf_counter()
+    learner.train_model.train()
+    part, prog.partial = (prog.partial if prog.partial and prog.partial["epoch"] == epoch else None), None
+    resume_at = part["batches"] if part else 0
+    d.train_loader.set_epoch(epoch, start_batch=resume_at)  # the same batch order from the saved step on
+    # augmentation randomness from (seed, epoch) alone, so a resumed epoch sees the same images; under torchrun
+    # also from the rank (other images, other draws) and the same for dropout, so a resume with any world
+    # size is reproducible without per-rank RNG state in the checkpoint
+    seed = args.seed * 1_000_003 + epoch + 7_919 * env.rank
+    aug_gen = torch.Generator().manual_seed(seed)
+    if env.ddp:
+        torch.manual_seed(seed)
+    s = EpochStats(learner.optimizer.param_groups[0]["lr"], 0.0,
+                   torch.zeros((), dtype=torch.long, device=env.device), 0, 0.0, aug_gen)
+    if part:  # the partial epoch's generator and running sums, as the stop left them
+        aug_gen.set_state(part["aug_gen"])
+        s.loss_sum, s.seen, s.seconds = part["loss_sum"], part["seen"], part["seconds"]
+        s.correct += part["correct"]
+    prior_seconds = s.seconds
+    n_steps = len(d.train_loader)
+    bar = tqdm(d.train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
+               disable=not env.is_main, initial=resume_at)
+    for i, (images, labels) in enumerate(bar, resume_at + 1):
+        x = to_input(d, images, True, aug_gen, args.channels_last)
+        lam = 1.0
+        if args.mix_prob > 0:  # never drawn when off, so the other recipes' random streams stay as they were
+            x, lam = mix_batch(x, args.mix, args.mix_prob, aug_gen)
+        with env.autocast():
+            logits = learner.train_model(x)
+            loss = learner.criterion(logits.float(), labels)
+            if lam < 1.0:  # cross entropy is linear in the target: blending losses = blending labels
+                loss = lam * loss + (1 - lam) * learner.criterion(logits.float(), labels.roll(1, 0))
+        prog.step += 1
+        if args.debug_nan_step is not None and prog.step >= args.debug_nan_step:
+            loss = loss * float("nan")
+        loss_val = loss.item()
+        if not math.isfinite(loss_val):
+            raise NonFiniteLoss(f"loss became {loss_val} at epoch {epoch}, step {i} (global step {prog.step})")
+        optimizer_step(loss, learner, env.scaler)
+        n = labels.shape[0]
+        s.loss_sum += loss_val * n
+        s.correct += (logits.argmax(1) == labels).sum()
+        s.seen += n
+        if i % 5 == 0 or i == n_steps:
+            bar.set_postfix(loss=f"{s.loss_sum / s.seen:.3f}", acc=f"{100 * s.correct.item() / s.seen:.1f}%",
+                            img_s=f"{s.seen / (time.perf_counter() - t0 + prior_seconds):.0f}")
+        if args.debug_step_sleep:
+            time.sleep(args.debug_step_sleep)
+        if args.max_steps is not None and prog.step >= args.max_steps:
+            s.limit_reached, s.stopped_inside = True, (i if i < n_steps else 0)
+            break
+    bar.close()
+    s.seconds = time.perf_counter() - t0 + prior_seconds
+    return s
+
+
+def optimizer_step(loss: torch.Tensor, learner: Learner, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward, step (through the GradScaler with float16), the weight average, a per-step schedule."""
+    learner.optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(learner.optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        learner.optimizer.step()
+    if learner.ema is not None:
+        learner.ema.update_parameters(learner.model)
+    if learner.per_step:
+        learner.scheduler.step()
+
+
+def save_partial(ckpt: dict, s: EpochStats, epoch: int, run_dir: Path) -> None:
+    """A stop inside an epoch: no validation, schedule or best.pt for a partial epoch (a run that goes on
+    never had them there). last.pt keeps the completed epochs' record plus this epoch's progress, so
+    --resume continues from this very step."""
+    ckpt["partial"] = {"epoch": epoch, "batches": s.stopped_inside, "aug_gen": s.aug_gen.get_state(),
+                       "loss_sum": s.loss_sum, "correct": int(s.correct.item()), "seen": s.seen,
+                       "seconds": s.seconds}
+    atomic_save(ckpt, run_dir / "last.pt")
+
+
+def sync_ranks(env: Setup, learner: Learner, s: EpochStats) -> None:
+    """Under torchrun: the logged training numbers cover every rank's images; BN running statistics
+    (buffers) become rank 0's everywhere, so all ranks validate (and rank 0 saves) the very same model."""
+    t = torch.tensor([s.loss_sum, s.correct.item(), s.seen], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    s.loss_sum, s.correct, s.seen = t[0].item(), t[1].long(), int(t[2].item())
+    ema_buffers = list(learner.ema.module.buffers()) if learner.ema is not None else []
+    for b in [*learner.model.buffers(), *ema_buffers]:
+        dist.broadcast(b, 0)
+
+
+def validate(env: Setup, d: Data, learner: Learner, channels_last: bool) -> dict:
+    """The same loss as training (as the reference), top-1 and top-5, of the model used for inference."""
+    net = learner.eval_model()
+    net.eval()
+    loss, top1, top5, seen = 0.0, 0, 0, 0
+    k = min(5, len(d.spec.class_names))
+    with torch.no_grad(), env.autocast():
+        for images, labels in d.val_loader:
+            logits = net(to_input(d, images, False, None, channels_last)).float()
+            loss += learner.criterion(logits, labels).item() * labels.shape[0]
+            topk = logits.topk(k, 1).indices
+            top1 += (topk[:, 0] == labels).sum().item()
+            top5 += (topk == labels[:, None]).any(1).sum().item()
+            seen += labels.shape[0]
+    seen_rank = seen
+    if env.ddp:  # each rank validated its own unpadded shard: sum, so each image counts exactly once
+        t = torch.tensor([loss, top1, top5, seen], dtype=torch.float64, device=env.device)
+        dist.all_reduce(t)
+        loss, top1, top5, seen = t[0].item(), int(t[1].item()), int(t[2].item()), int(t[3].item())
+    return {"val_loss": loss / seen, "val_acc": top1 / seen, "val_top5": top5 / seen, "seen": seen,
+            "seen_rank": seen_rank, "is_best": False}
+
+
+def end_epoch(args: argparse.Namespace, learner: Learner, prog: Progress, epoch: int, val: dict) -> str | None:
+    """A per-epoch schedule's step, the best-so-far record, early stopping; returns why to stop, if so."""
+    if not math.isfinite(val["val_loss"]):
+        raise NonFiniteLoss(f"validation loss became {val['val_loss']} after epoch {epoch} (global step {prog.step})")
+    if isinstance(learner.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        learner.scheduler.step(val["val_loss"])
+    elif learner.scheduler is not None and not learner.per_step:
+        learner.scheduler.step()
+    best = prog.best
+    val["is_best"] = val["val_acc"] > best["val_acc"]
+    if val["is_best"]:
+        best["val_acc"], best["epoch"] = val["val_acc"], epoch
+    lower_loss = val["val_loss"] < best["min_val_loss"]
+    if lower_loss:
+        best["min_val_loss"], best["min_val_loss_epoch"] = val["val_loss"], epoch
+    progress = lower_loss if args.early_stop_on == "val_loss" else val["is_best"]
+    prog.bad_epochs = 0 if progress else prog.bad_epochs + 1
+    prog.epoch = epoch
+    if not (args.patience and prog.bad_epochs >= args.patience):
+        return None
+    if args.early_stop_on == "val_loss":
+        return (f"early stopping: no lower val loss for {args.patience} epochs "
+                f"(min {best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']})")
+    return (f"early stopping: no higher val accuracy for {args.patience} epochs "
+            f"(best {100 * best['val_acc']:.2f}% at epoch {best['epoch']})")
+
+
+def save_epoch(ckpt: dict, learner: Learner, run_dir: Path, is_best: bool) -> None:
+    """best.pt before last.pt: a kill between the two then replays this epoch on --resume and writes best.pt
+    again; the other order would leave a best.pt older than last.pt's record."""
+    if is_best:
+        atomic_save(model_file(ckpt, learner), run_dir / "best.pt")
+    atomic_save(ckpt, run_dir / "last.pt")
+
+
+def metrics_row(epoch: int, s: EpochStats, val: dict) -> dict:
+    return dict(epoch=epoch, lr=s.lr, train_loss=s.loss_sum / max(s.seen, 1), train_acc=s.correct.item() / max(s.seen, 1),
+                val_loss=val["val_loss"], val_acc=val["val_acc"], val_top5=val["val_top5"], seconds=s.seconds,
+                img_per_s=s.seen / s.seconds)
+
+
+def report_epoch(rows: list[dict], run_dir: Path, epochs: int, is_main: bool, is_best: bool) -> None:
+    """metrics.csv, curves.png (rank 0) and the epoch's line."""
+    if is_main:
+        write_metrics(rows, run_dir / "metrics.csv")
+        plot_curves(rows, run_dir / "curves.png")
+    r = rows[-1]
+    print(f"epoch {r['epoch']:3d}/{epochs}  lr {r['lr']:.2e}  train loss {r['train_loss']:.4f} "
+          f"acc {100 * r['train_acc']:5.1f}%  val loss {r['val_loss']:.4f} acc {100 * r['val_acc']:5.1f}% "
+          f"top5 {100 * r['val_top5']:5.1f}%  {r['seconds']:5.1f}s {r['img_per_s']:6.0f} img/s"
+          f"{'  *best' if is_best else ''}", flush=True)
+
+
+def write_ddp_report(run_dir: Path, env: Setup, prog: Progress, d: Data, learner: Learner, val: dict) -> None:
+    """Test hook (DDP_DEBUG_ENV): this rank's view of the epoch, so a test can check that all ranks agree."""
+    if run_dir.is_dir():
+        atomic_write_text(json.dumps({
+            "rank": env.rank, "world_size": env.world, "epoch": prog.epoch, "step": prog.step,
+            "train_steps": len(d.train_loader), "val_seen_rank": val["seen_rank"], "val_seen": val["seen"],
+            "val_acc": val["val_acc"], "val_loss": val["val_loss"],
+            "state_sha256": state_hash(learner.model.state_dict())}) + "\n", run_dir / f"ddp_rank{env.rank}.json")
+
+
+def interrupted(rows: list[dict], held_partial: tuple[int, int] | None, run_dir: Path, is_main: bool) -> int:
+    """Ctrl-C: say what last.pt holds and how to go on."""
+    done = rows[-1]["epoch"] if rows else 0
+    if not is_main:
+        pass
+    elif held_partial:
+        print(f"\ninterrupted in epoch {held_partial[0]}: {run_dir / 'last.pt'} holds epoch {done} and "
+              f"{held_partial[1]} steps of epoch {held_partial[0]}, where the run was resumed (the steps since "
+              f"are discarded).\nresume with: python train.py --resume {run_dir}", file=sys.stderr)
+    elif done:
+        print(f"\ninterrupted in epoch {done + 1}: {run_dir / 'last.pt'} holds epoch {done}, the last completed "
+              f"one (the partial epoch is discarded).\nresume with: python train.py --resume {run_dir}",
+              file=sys.stderr)
+    else:
+        print("\ninterrupted before the first epoch completed; nothing to resume", file=sys.stderr)
+    return 130
+
+
+def finish(args: argparse.Namespace, env: Setup, d: Data, learner: Learner, prog: Progress, run_dir: Path,
+           checkpoint: Callable[[], dict], stop_reason: str | None, stopped_inside: int) -> int:
+    """final.pt (a completed run's model, with no checkpoint chosen on validation images) and the summary."""
     if stop_reason:
         print(stop_reason)
     if stopped_inside:
-        where = (f"{run_dir / 'last.pt'} holds that point" if not ddp else
-                 f"under torchrun {run_dir / 'last.pt'} stays at epoch {epoch - 1}, the last completed one")
-        print(f"stopped inside epoch {epoch} after {stopped_inside} of {len(train_loader)} steps; {where}; "
-              f"continue with: python train.py --resume {run_dir}")
+        where = (f"{run_dir / 'last.pt'} holds that point" if not env.ddp else
+                 f"under torchrun {run_dir / 'last.pt'} stays at epoch {prog.epoch}, the last completed one")
+        print(f"stopped inside epoch {prog.epoch + 1} after {stopped_inside} of {len(d.train_loader)} steps; "
+              f"{where}; continue with: python train.py --resume {run_dir}")
+    best = prog.best
     if best["epoch"] == 0:
         print(f"no epoch completed, so there is no best.pt yet; files in {run_dir}")
         return 0
-    if not stopped_inside and is_main:
-        # the model as training left it (the average with --ema): what a fixed-length run reports, with no
-        # checkpoint chosen on the validation images
-        atomic_save(model_file(checkpoint(epoch)), run_dir / "final.pt")
+    if not stopped_inside and env.is_main:
+        atomic_save(model_file(checkpoint(), learner), run_dir / "final.pt")
     print(f"done: best val acc {100 * best['val_acc']:.2f}% at epoch {best['epoch']}, min val loss "
           f"{best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']}; files in {run_dir}")
     if args.demo:
-        example = val_data.paths[0] if val_data.paths else "<an image>"
+        example = d.val.paths[0] if d.val.paths else "<an image>"
         print("next, try:\n"
               f"  python evaluate.py --checkpoint {run_dir / 'best.pt'} --data {args.data}\n"
               f"  python predict.py {example} --checkpoint {run_dir / 'best.pt'}")
