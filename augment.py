@@ -1,7 +1,8 @@
 """Batched augmentation: whole uint8 batches on the training device, each image with its own random
 parameters, in one vectorised pass. Every op is the same math as torchvision.transforms.v2.functional
-(tests/test_data.py compares them image by image); BatchTransform also scales and normalises, so
-evaluate.py, predict.py and export.py use it without augmentation.
+(tests/test_augment.py compares them image by image); BatchTransform also scales and normalises, with the
+very tensors of data.Preprocess.scale_shift that inference uses (Preprocess.to_model_input): evaluate.py,
+predict.py and export.py never import this module.
 
     BatchTransform(prep, augment, erase)(uint8 (B, C, S, S), train=True, generator=g) -> float32 batch
 
@@ -308,8 +309,6 @@ class BatchTransform:
         geo = [n for n in GEOMETRIC if n in self.augment and n != "flip"]
         self.mode = ("bilinear" if any(self.augment[n].get("interpolation") == "bilinear" for n in geo)
                      else "nearest")
-        self._mean = torch.tensor(prep.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(prep.std, dtype=torch.float32).view(1, -1, 1, 1)
         self.cpu_chunk = 4  # images per CPU work item (see __call__)
         self.threads: int | None = None  # CPU worker threads; None: torch.get_num_threads() at call time
         self._pool: ThreadPoolExecutor | None = None
@@ -425,10 +424,7 @@ class BatchTransform:
         p = self.sample_params(B, H, W, generator) if train and (self.augment or self.erase) else {}
         M = self.matrices(p, B, H, W) if p else None
         out = torch.empty(B, C, H, W, device=dev)
-        if self.prep.normalize:
-            scale, shift = (1.0 / (255.0 * self._std)).to(dev), (-self._mean / self._std).to(dev)
-        else:
-            scale, shift = torch.full((1, 1, 1, 1), 1 / 255, device=dev), torch.zeros(1, 1, 1, 1, device=dev)
+        scale, shift = self.prep.scale_shift(dev)
 
         # Grad and inference mode are thread-local: the pool's threads must run in the caller's, or `out`,
         # an inference tensor when made under torch.inference_mode (evaluate.py), refuses their in-place writes.

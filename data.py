@@ -42,7 +42,8 @@ RGB_STD = (0.2594, 0.2585, 0.2635)
 GRAY_MEAN = (round(0.299 * RGB_MEAN[0] + 0.587 * RGB_MEAN[1] + 0.114 * RGB_MEAN[2], 4),)
 GRAY_STD = (round(0.299 * RGB_STD[0] + 0.587 * RGB_STD[1] + 0.114 * RGB_STD[2], 4),)
 
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+# the file endings taken as images wherever a folder is searched (dataset folders, predict.py, export.py)
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 MIN_SIDE = 4  # smaller images are rejected as "too small": nothing recognisable survives the resize
 CACHE_VERSION = 1  # bump when the preprocessing code changes what a cached pixel is
 
@@ -191,7 +192,7 @@ def _find_all_in_one(root: Path) -> DatasetSpec | None:
 
 
 def _images_in(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTS
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
                   and not p.name.startswith("."))
 
 
@@ -397,6 +398,23 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def scale_shift(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (1, C, 1, 1) float32: u8 * scale + shift = (u8 / 255 - mean) / std (or u8 / 255
+        without normalization) in one multiply-add. Training (augment.BatchTransform) and inference
+        (to_model_input) use these very tensors, so both compute bit-identical inputs."""
+        if not self.normalize:
+            return (torch.full((1, 1, 1, 1), 1 / 255, device=device), torch.zeros(1, 1, 1, 1, device=device))
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (1.0 / (255.0 * std)).to(device), (-mean / std).to(device)
+
+    def to_model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) as load_image and the cache give them -> the float32 batch the model takes."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DataError(f"expected uint8 (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        scale, shift = self.scale_shift(images.device)
+        return torch.mul(images.to(torch.float32), scale).add_(shift)
 
     def cache_key(self) -> dict:
         """Only what changes the cached pixels (normalization happens later, per batch)."""

@@ -14,86 +14,23 @@ import argparse
 import csv
 import dataclasses
 import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-import augment
 import data
 import model as M
+from common import cpu_name, pick_device, time_models
 
 DEFAULT_CLASSES = 196  # Stanford Cars; only used when an architecture is measured without a checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
 # efficiency
-
-def pick_device(name: str) -> torch.device:
-    """--device for every script: 'auto' -> cuda when present, else cpu; ValueError (one line) for a
-    name that is no device or a CUDA device torch cannot see."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cpu_name() -> str:
-    """The CPU's model name for benchmark records (platform.processor() is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@torch.inference_mode()
-def time_models(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], runs: int,
-                warmup: int = 5, desc: str = "") -> dict[str, list[float]]:
-    """Seconds per forward for each model, timing rounds interleaved across the models.
-
-    Interleaving (round r times every model once, starting with a different model each round)
-    spreads slow phases of a shared machine, and any after-effect of the previous model on caches,
-    over all models alike instead of penalising whichever model happened to run during them.
-    """
-    names = list(models)
-    for name in names:  # warm-up: allocator, oneDNN primitive caches, cudnn autotune
-        for _ in range(warmup):
-            models[name](inputs[name])
-        _sync(inputs[name].device)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    rounds = range(runs)
-    if desc:
-        from tqdm import tqdm
-        rounds = tqdm(rounds, desc=desc, leave=False, file=sys.stderr)
-    for r in rounds:
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
-            dev = inputs[name].device
-            _sync(dev)
-            t0 = time.perf_counter()
-            models[name](inputs[name])
-            _sync(dev)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
 
 def static_figures(net: torch.nn.Module, img_size: int, in_channels: int) -> dict[str, Any]:
     """Parameters (as trained), weight size of the BN-folded model and multiply-adds."""
@@ -170,11 +107,10 @@ def run_split(net: torch.nn.Module, decoded: "data.Decoded", prep: "data.Preproc
               batch_size: int = 64, tta: bool = False) -> torch.Tensor:
     """Class probabilities (N, K) in decoded order; --tta averages them with the mirrored image's."""
     loader = data.BatchLoader(decoded, batch_size, shuffle=False, drop_last=False, device=device)
-    transform = augment.BatchTransform(prep, None, None)
     from tqdm import tqdm
     probs = []
     for images, _ in tqdm(loader, desc="evaluate", leave=False, file=sys.stderr):
-        x = transform(images, train=False)
+        x = prep.to_model_input(images)
         p = F.softmax(net(x).float(), dim=1)
         if tta:
             p = (p + F.softmax(net(x.flip(3)).float(), dim=1)) / 2

@@ -37,12 +37,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-import augment
 import data
 import model as M
 
 METADATA_FILE = "ghostcars.json"            # name inside the .pt2 archive (torch.export.save extra_files)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Tolerances on the logits, as max|exported - pytorch| / max|pytorch| per image (an element-wise ratio
 # blows up on logits near zero, so the scale is the image's largest logit).
 TOL_FP32 = 1e-4
@@ -91,7 +89,7 @@ def metadata(ckpt: dict[str, Any], source: str, fp16: bool) -> dict[str, str]:
     p = {**ckpt["preprocess"], **data.Preprocess.from_dict(ckpt["preprocess"]).to_dict()}
     chans = 1 if p["grayscale"] else 3
     return {
-        "format": "ghostcars-v1",
+        "format": M.CHECKPOINT_FORMAT,
         "arch": str(ckpt["arch"]),
         "num_classes": str(int(ckpt["num_classes"])),
         "class_names": json.dumps(list(ckpt["class_names"])),
@@ -228,7 +226,7 @@ def find_images(paths: list[str], limit: int) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in data.IMAGE_EXTS)
         elif p.exists():
             found.append(p)
         else:
@@ -253,7 +251,7 @@ def verify_inputs(prep_dict: dict[str, Any], images: list[str], count: int, seed
         u8 = nn.functional.interpolate(low, size=(prep.img_size, prep.img_size), mode="bilinear",
                                        align_corners=False).round().clamp(0, 255).to(torch.uint8)
         what = f"{count} synthetic images"
-    x = augment.BatchTransform(prep, None, None)(u8, train=False)
+    x = prep.to_model_input(u8)
     return x.float().contiguous(), what
 
 

@@ -20,12 +20,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-import augment
 import data
 import model as M
-from evaluate import pick_device
+from common import pick_device
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 REPO = Path(__file__).resolve().parent
 
 
@@ -54,13 +52,13 @@ def expand_inputs(items: list[str]) -> Iterator[tuple[str, str | None]]:
         p = Path(item)
         if p.is_dir():
             try:
-                files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file()
+                files = sorted(f for f in p.rglob("*") if f.suffix.lower() in data.IMAGE_EXTS and f.is_file()
                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
             except OSError as e:  # e.g. a subfolder without read permission
                 yield item, f"cannot list this folder ({e.strerror or e})"
                 continue
             if not files:
-                yield item, f"no images in this folder (looked for {', '.join(sorted(IMAGE_EXTS))})"
+                yield item, f"no images in this folder (looked for {', '.join(sorted(data.IMAGE_EXTS))})"
             for f in files:
                 yield str(f), None
         elif p.exists():
@@ -127,7 +125,6 @@ def predict_files(paths: Iterator[tuple[str, str | None]], probs_fn: Callable, c
                   batch_size: int = 32, on_result: Callable | None = None,
                   on_error: Callable | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decode in chunks (memory stays flat for big folders), predict, report each result as it comes."""
-    transform = augment.BatchTransform(prep, None, None)
     k = min(topk, len(class_names))
     results: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
@@ -140,7 +137,7 @@ def predict_files(paths: Iterator[tuple[str, str | None]], probs_fn: Callable, c
     def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
         if not batch:
             return
-        p = probs_fn(transform(torch.stack([t for _, t in batch]), train=False))
+        p = probs_fn(prep.to_model_input(torch.stack([t for _, t in batch])))
         top = p.topk(k, dim=1)
         for (path, _), vals, idx in zip(batch, top.values, top.indices):
             r = {"file": path, "top": [{"class": class_names[i], "index": int(i), "probability": float(v)}

@@ -45,12 +45,11 @@ from tqdm import tqdm
 
 import data
 from augment import BatchTransform, add_augment_args, augment_from_args, mix_batch
-from evaluate import cpu_name, pick_device
-from model import (ARCHS, CheckpointError, GhostModule, build_model, count_params, load_checkpoint,
-                   zero_init_residual)
+from common import atomic_save, atomic_write_text, device_name, pick_device
+from model import (ARCHS, CHECKPOINT_FORMAT, CheckpointError, GhostModule, build_model, count_params,
+                   load_checkpoint, zero_init_residual)
 
 REPO = Path(__file__).resolve().parent
-CKPT_FORMAT = "ghostcars-v1"
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "seconds", "img_per_s"]
 TIMING_FIELDS = ("seconds", "img_per_s")
 # Options that may differ on --resume (given explicitly on the command line); everything else comes from
@@ -218,26 +217,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
 # ----------------------------------------------------------------------------------------------------
 # small helpers
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash at any moment
-    leaves either the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_metrics(rows: list[dict], path: Path) -> None:
     lines = [",".join(METRIC_FIELDS)]
     for r in rows:
@@ -302,12 +281,6 @@ def git_commit() -> str | None:
         return rev.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -908,7 +881,7 @@ def make_checkpoint(args: argparse.Namespace, env: Setup, d: Data, learner: Lear
                     config: dict) -> dict:
     """last.pt: the model and everything an exact resume needs, after prog.epoch completed epochs."""
     return {
-        "format": CKPT_FORMAT, "arch": args.arch, "num_classes": len(d.spec.class_names),
+        "format": CHECKPOINT_FORMAT, "arch": args.arch, "num_classes": len(d.spec.class_names),
         "class_names": list(d.spec.class_names), "model_options": learner.model_options,
         "preprocess": d.prep.to_dict(), "model": learner.model.state_dict(), "epoch": prog.epoch, "step": prog.step,
         "best": dict(prog.best), "config": config,

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import augment  # noqa: E402
 import data  # noqa: E402
-from evaluate import cpu_name  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 
 def make_full_size_jpegs(out: Path, n: int, seed: int = 0) -> list[data.Record]:

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ghost_ext  # noqa: E402
 import model as M  # noqa: E402
-from evaluate import cpu_name, time_models  # noqa: E402  (the same interleaved timer as evaluate.py)
+from common import cpu_name, time_models  # noqa: E402  (the same interleaved timer as evaluate.py)
 
 PEERS = ("ghostnet_official", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0", "efficientnet_b0")
 NUM_CLASSES = 196

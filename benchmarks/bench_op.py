@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ghost_ext  # noqa: E402
-from evaluate import cpu_name  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 try:
     from tqdm import tqdm

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import ghost_ext  # noqa: E402
-from evaluate import cpu_name  # noqa: E402
+from common import cpu_name  # noqa: E402
 from model import build_model, count_params  # noqa: E402
 
 

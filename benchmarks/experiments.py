@@ -393,7 +393,7 @@ def label(args: argparse.Namespace) -> str:
 def environment(args: argparse.Namespace) -> dict:
     try:
         sys.path.insert(0, str(REPO))
-        from evaluate import cpu_name
+        from common import cpu_name
         cpu = cpu_name()
     except Exception:  # noqa: BLE001 - a description only
         cpu = platform.processor() or platform.machine()

@@ -28,3 +28,26 @@ def test_non_editable_install_imports_every_script(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert all(f.startswith(str(target)) for f in run.stdout.split()), run.stdout
+
+
+def _project_imports(path: Path) -> set[str]:
+    """The top-level names a file imports (module level and inside functions)."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_one_way_imports():
+    """Training, prediction and the benchmarks never import the evaluation script; inference never imports
+    the augmentation module; the shared helpers import no script."""
+    scripts = {p.stem for p in REPO.glob("*.py")}
+    for path in [REPO / "train.py", REPO / "predict.py", REPO / "serve.py", *REPO.glob("benchmarks/*.py")]:
+        assert "evaluate" not in _project_imports(path), path
+    for name in ["predict", "evaluate", "export", "serve"]:
+        assert "augment" not in _project_imports(REPO / f"{name}.py"), name
+    assert not (_project_imports(REPO / "common.py") & scripts)

@@ -1,0 +1,103 @@
+"""The pieces every script shares, and nothing else: device choice, the machine's name, timing, atomic
+writes. Imported by train, evaluate, predict, export, serve and the benchmarks; imports none of them.
+(Checkpoint reading and its format live in model.py, with the model they hold.)"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def pick_device(name: str) -> torch.device:
+    """--device for every script: 'auto' -> cuda when present, else cpu; ValueError (one line) for a
+    name that is no device or a CUDA device torch cannot see."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def cpu_name() -> str:
+    """The CPU's model name for benchmark records (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a timer must not stop before the kernels do)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_models(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], runs: int,
+                warmup: int = 5, desc: str = "") -> dict[str, list[float]]:
+    """Seconds per forward for each model, timing rounds interleaved across the models.
+
+    Interleaving (round r times every model once, starting with a different model each round)
+    spreads slow phases of a shared machine, and any after-effect of the previous model on caches,
+    over all models alike instead of penalising whichever model happened to run during them.
+    """
+    names = list(models)
+    for name in names:  # warm-up: allocator, oneDNN primitive caches, cudnn autotune
+        for _ in range(warmup):
+            models[name](inputs[name])
+        sync(inputs[name].device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rounds = range(runs)
+    if desc:
+        from tqdm import tqdm
+        rounds = tqdm(rounds, desc=desc, leave=False, file=sys.stderr)
+    for r in rounds:
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            dev = inputs[name].device
+            sync(dev)
+            t0 = time.perf_counter()
+            models[name](inputs[name])
+            sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """write(file) into a temp file in the same folder, fsync, then os.replace: a crash at any moment
+    leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save, atomically (see _replace_atomically)."""
+    _replace_atomically(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    _replace_atomically(path, lambda f: f.write(text.encode()))
