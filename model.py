@@ -94,6 +94,7 @@ class GhostModule(nn.Module):
         self.relu = relu
         self.ghost_op = ghost_op
         self.fused = False  # set by fuse_for_inference: BN folded, eval only
+        self.through_modules = False  # set by convert_sync_batchnorm: the cheap branch runs its own (Sync)BN
         init_chs = math.ceil(out_chs / 2)
         self.primary_conv = nn.Sequential(
             nn.Conv2d(in_chs, init_chs, 1, bias=False),
@@ -109,6 +110,8 @@ class GhostModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return self.forward_fused(x)
+        if self.through_modules:
+            return self.forward_modules(x)
         x = self.primary_conv(x)
         conv, bn = self.cheap_operation[0], self.cheap_operation[1]
         momentum = bn.momentum
@@ -121,6 +124,16 @@ class GhostModule(nn.Module):
         return ghost_ext.ghost_concat(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                       bn.training or not bn.track_running_stats, momentum or 0.0, bn.eps,
                                       self.relu, self.out_chs, impl=self.ghost_op)
+
+    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """Through the submodules instead of the functional ghost_concat, so that a SyncBatchNorm in
+        cheap_operation really synchronises (ghost_concat only borrows the BN's tensors and normalises with
+        this process's statistics). Same math as ghost_ext.reference.ghost_concat."""
+        x = self.primary_conv(x)
+        y = self.cheap_operation(x)
+        if self.relu:
+            y = F.relu(y)
+        return torch.cat([x, y], 1)[:, :self.out_chs]
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Inference after fuse_for_inference: plain functional calls on the folded tensors (no
@@ -153,6 +166,16 @@ class SqueezeExciteLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.fc2(F.relu(self.fc1(x.mean((2, 3))), inplace=True)).clamp(0.0, 1.0)
         return x * s[:, :, None, None]
+
+    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """Through the submodules instead of the functional ghost_concat, so that a SyncBatchNorm in
+        cheap_operation really synchronises (ghost_concat only borrows the BN's tensors and normalises with
+        this process's statistics). Same math as ghost_ext.reference.ghost_concat."""
+        x = self.primary_conv(x)
+        y = self.cheap_operation(x)
+        if self.relu:
+            y = F.relu(y)
+        return torch.cat([x, y], 1)[:, :self.out_chs]
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         f1, f2 = self.fc1, self.fc2
@@ -190,6 +213,16 @@ class ConvBnAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.conv(x)), inplace=True)
+
+    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """Through the submodules instead of the functional ghost_concat, so that a SyncBatchNorm in
+        cheap_operation really synchronises (ghost_concat only borrows the BN's tensors and normalises with
+        this process's statistics). Same math as ghost_ext.reference.ghost_concat."""
+        x = self.primary_conv(x)
+        y = self.cheap_operation(x)
+        if self.relu:
+            y = F.relu(y)
+        return torch.cat([x, y], 1)[:, :self.out_chs]
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.conv.weight, self.conv.bias).relu_()
@@ -232,6 +265,16 @@ class GhostBottleneck(nn.Module):
             x = self.se(x)
         x = self.ghost2(x)
         return x + shortcut  # not in place: autograd may need ghost2's output
+
+    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+        """Through the submodules instead of the functional ghost_concat, so that a SyncBatchNorm in
+        cheap_operation really synchronises (ghost_concat only borrows the BN's tensors and normalises with
+        this process's statistics). Same math as ghost_ext.reference.ghost_concat."""
+        x = self.primary_conv(x)
+        y = self.cheap_operation(x)
+        if self.relu:
+            y = F.relu(y)
+        return torch.cat([x, y], 1)[:, :self.out_chs]
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Inference after fuse_for_inference (BN folded into every conv): functional calls only."""
@@ -439,6 +482,17 @@ def zero_init_residual(model: nn.Module) -> int:
             nn.init.zeros_(m.ghost2.cheap_operation[1].weight)
             n += 1
     return n
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm as a SyncBatchNorm (torchrun --sync-bn: statistics over the global batch), with the same
+    parameters and state_dict keys. GhostModules then run through their submodules (forward_modules): the
+    fused op cannot reach a SyncBatchNorm's all-reduce. Returns the converted model."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, GhostModule):
+            m.through_modules = True
+    return model
 
 
 def set_ghost_op(model: nn.Module, ghost_op: str) -> None:

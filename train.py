@@ -30,7 +30,6 @@ import shlex
 import subprocess
 import sys
 import time
-import types
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,13 +39,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 from augment import BatchTransform, add_augment_args, augment_from_args, mix_batch
 from common import atomic_save, atomic_write_text, device_name, pick_device
-from model import (ARCHS, CHECKPOINT_FORMAT, CheckpointError, GhostModule, build_model, count_params,
+from model import (ARCHS, CHECKPOINT_FORMAT, CheckpointError, build_model, convert_sync_batchnorm, count_params,
                    load_checkpoint, zero_init_residual)
 
 REPO = Path(__file__).resolve().parent
@@ -463,28 +461,6 @@ def init_distributed(env: dict, device: torch.device) -> str:
     return backend
 
 
-def _ghost_forward_modules(self: GhostModule, x: torch.Tensor) -> torch.Tensor:
-    """GhostModule.forward through its own submodules instead of the functional ghost_concat call, so that
-    a SyncBatchNorm in cheap_operation actually synchronises (ghost_concat only borrows the BN's tensors and
-    normalises with per-rank statistics). Same math as ghost_ext.reference.ghost_concat."""
-    x = self.primary_conv(x)
-    y = self.cheap_operation(x)
-    if self.relu:
-        y = F.relu(y)
-    return torch.cat([x, y], 1)[:, :self.out_chs]
-
-
-def sync_ghost_modules(model: nn.Module) -> int:
-    """After SyncBatchNorm conversion: route every GhostModule's cheap branch through its (Sync)BN module.
-    State-dict keys are unchanged; the SyncBatchNorm counts num_batches_tracked itself. Returns the count."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, GhostModule):
-            m.forward = types.MethodType(_ghost_forward_modules, m)
-            n += 1
-    return n
-
-
 def state_hash(state: dict) -> str:
     """sha256 of every tensor of a state_dict (keys sorted): equal hashes = bit-identical weights and buffers."""
     import hashlib
@@ -658,7 +634,7 @@ def set_up(args: argparse.Namespace) -> Setup:
     ghost_op = args.ghost_op
     if args.sync_bn and ddp and args.arch.startswith("ghostnet"):
         # the fused op normalises the cheap branch with this rank's statistics only; the plain path runs the
-        # GhostModules' BNs as (Sync)BatchNorm modules (see sync_ghost_modules), so every BN is synchronised
+        # GhostModules' BNs as (Sync)BatchNorm modules (model.convert_sync_batchnorm), so every BN is synchronised
         if ghost_op != "torch" and rank == 0:
             print(f"warning: --sync-bn: the fused ghost_ext op uses per-rank BatchNorm statistics, so the "
                   f"GhostModules run the plain PyTorch path (--ghost-op torch instead of {ghost_op}) with "
@@ -758,8 +734,7 @@ def build_learner(args: argparse.Namespace, env: Setup, d: Data) -> Learner:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.sync_bn and env.ddp:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, same state_dict keys
-        sync_ghost_modules(model)
+        model = convert_sync_batchnorm(model)
     # the learning rate is the one given, whatever the world size, unless --scale-lr (linear scaling rule)
     base_lr = args.lr * env.world if args.scale_lr else args.lr
     groups = param_groups(model, args.wd, args.wd_norm_bias)

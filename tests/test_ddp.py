@@ -168,12 +168,12 @@ def test_sync_bn_ghost_modules_route_through_their_bn_modules():
     """--sync-bn: GhostModules run their cheap branch through the (Sync)BatchNorm module, with the plain path's
     math and state (outside a process group SyncBatchNorm computes what BatchNorm2d does)."""
     import copy
-    import train
-    from model import GhostModule, build_model
+    from model import GhostModule, build_model, convert_sync_batchnorm
     torch.manual_seed(0)
     plain = build_model("ghostnet", 3, width=0.25, dropout=0.0, ghost_op="torch").train()  # no dropout: same output
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
-    assert train.sync_ghost_modules(synced) == sum(isinstance(m, GhostModule) for m in plain.modules()) > 0
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    ghosts = [m for m in synced.modules() if isinstance(m, GhostModule)]
+    assert ghosts and all(m.through_modules for m in ghosts)
     assert isinstance(next(m for m in synced.modules() if isinstance(m, GhostModule)).cheap_operation[1],
                       torch.nn.SyncBatchNorm)
     x = torch.randn(4, 3, 32, 32)

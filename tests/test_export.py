@@ -244,19 +244,9 @@ def test_pt2_matches_pytorch_and_loads_without_extension(arch, ckpts, image_dir,
 # ---------------------------------------------------------------------------------------------------- predict.py
 
 
-def _predict_has_model_flag() -> bool:
-    try:
-        import predict
-    except Exception:
-        return False
-    return any("--model" in a.option_strings for a in predict.build_parser()._actions)
-
-
-needs_predict = pytest.mark.skipif(not _predict_has_model_flag(), reason="predict.py has no --model option yet")
 
 
 @needs_onnx
-@needs_predict
 def test_predict_onnx_same_top5_as_checkpoint(ghost_onnx, ckpts, image_dir, capsys):
     import predict
     files = [str(p) for p in sorted(image_dir.iterdir())[:4]]
@@ -278,7 +268,6 @@ def test_predict_onnx_same_top5_as_checkpoint(ghost_onnx, ckpts, image_dir, caps
 
 
 @needs_onnx
-@needs_predict
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_predict_corrupt_onnx_is_one_line(damage, ghost_onnx, image_dir, tmp_path):
     good = ghost_onnx[0].read_bytes()

@@ -88,7 +88,8 @@ def compare(x, weight, bn_w, bn_b, rm, rv, training, relu, oc, seed=0, tol=None)
     ref32 = None
     for i, (name, a, b) in enumerate(zip(names, got, want)):
         e = rel_err(a, b, floor=1.0)  # inputs and grad_out are O(1)
-        if e >= tol and x.dtype == torch.float32:
+        ill_conditioned = name == "grad_weight" and weight.shape[-1] == 1 and training
+        if e >= tol and x.dtype == torch.float32 and ill_conditioned:
             # Some quantities are ill-conditioned in float32 whatever computes them: the grad of a
             # k=1 depthwise weight under batch-statistics BN is analytically ~0 (BN undoes the
             # scale), a cancellation of N*H*W terms of size ~invstd. There the bar is the float32
@@ -389,12 +390,6 @@ def test_torch_export():
 
 # ---- the whole model ---------------------------------------------------------------------------
 
-def _model_or_skip():
-    try:
-        import model
-    except ImportError as e:
-        pytest.skip(f"model.py not importable yet ({e})")
-    return model
 
 
 @needs_ext
@@ -404,7 +399,7 @@ def test_whole_model_ext_matches_torch(device):
     # makes the network's gradients move by ~1e-2 when the input moves by 1e-6 (measured), so two
     # correct float32 implementations can differ by more than any useful tolerance (the first H100
     # run failed that way at 7.7e-3). In float64 both paths agree to ~1e-13.
-    model = _model_or_skip()
+    import model
     torch.manual_seed(0)
     a = model.build_model("ghostnet", 10, dropout=0.0, ghost_op="ext").to(device, torch.float64)
     b = model.build_model("ghostnet", 10, dropout=0.0, ghost_op="torch").to(device, torch.float64)
