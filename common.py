@@ -3,11 +3,13 @@ writes. Imported by train, evaluate, predict, export, serve and the benchmarks; 
 (Checkpoint reading and its format live in model.py, with the model they hold.)"""
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -78,9 +80,20 @@ def time_models(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
     return times
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """write(file) into a temp file in the same folder, fsync, then os.replace: a crash at any moment
-    leaves either the old file or the new one, never a torn one."""
+class WriteError(Exception):
+    """A file could not be written (full disk, read-only folder, I/O error): one line naming it and the fix."""
+
+
+# what to do about the usual causes of a failed write
+_WRITE_FIXES = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some of your disk quota",
+                errno.EROFS: "write to another folder (--out)", errno.EACCES: "write to a folder you may write to",
+                errno.EPERM: "write to a folder you may write to", errno.EIO: "check the disk"}
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """write(file) into a temp file in the same folder, fsync, then os.replace: a crash at any moment leaves
+    either the old file or the new one, never a torn one. A failed write leaves the old file as it was and
+    no temp file, and raises WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -89,15 +102,22 @@ def _replace_atomically(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            fix = _WRITE_FIXES.get(e.errno, "check the folder and the disk")
+            raise WriteError(f"{path}: cannot write ({e.strerror or e}); {fix}; the previous {path.name} "
+                             f"is unchanged") from e
         raise
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save, atomically (see _replace_atomically)."""
-    _replace_atomically(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    _replace_atomically(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -41,7 +41,7 @@ def extension():
     if want_cuda():
         print(f"setup.py: building CPU + CUDA kernels (CUDA_HOME={CUDA_HOME}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
-        sources += [str(CSRC / "ghost_cuda_host.cpp"), str(CSRC / "ghost_cuda.cu")]
+        sources += [str(CSRC / "cuda" / "ghost_cuda_host.cpp"), str(CSRC / "cuda" / "ghost_cuda.cu")]
         return CUDAExtension("ghost_ext._C", sources,
                              extra_compile_args={"cxx": cxx + ["-DGHOST_WITH_CUDA"], "nvcc": ["-O3"]},
                              extra_link_args=["-fopenmp"])

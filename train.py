@@ -27,8 +27,10 @@ import os
 import platform
 import random
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -43,13 +45,14 @@ from tqdm import tqdm
 
 import data
 from augment import BatchTransform, add_augment_args, augment_from_args, mix_batch
-from common import atomic_save, atomic_write_text, device_name, pick_device
+from common import WriteError, atomic_save, atomic_write, atomic_write_text, device_name, pick_device
 from model import (ARCHS, CHECKPOINT_FORMAT, CheckpointError, build_model, convert_sync_batchnorm, count_params,
                    load_checkpoint, zero_init_residual)
 
 REPO = Path(__file__).resolve().parent
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "seconds", "img_per_s"]
 TIMING_FIELDS = ("seconds", "img_per_s")
+LOG_EVERY = 5  # steps between looks at the loss (progress bar, non-finite check): the only host syncs of a step
 # Options that may differ on --resume (given explicitly on the command line); everything else comes from
 # the run's saved config so that the resumed run is the same run.
 RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "threads", "device", "compile", "cache_dir")
@@ -83,6 +86,30 @@ class TrainError(Exception):
 
 class NonFiniteLoss(Exception):
     pass
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1, a cluster's notice before it reclaims the node (SLURM sends SIGUSR1 ahead of time
+    with --signal, Kubernetes and spot instances SIGTERM): the loop finishes the step it is in, saves last.pt
+    at that step, prints the resume command and exits 128 + the signal (143 for SIGTERM). Installed for
+    one-process runs; under torchrun the ranks would stop at different steps, so there a signal ends the
+    processes as usual and torchrun's restart resumes from the last completed epoch (README 'Reliability')."""
+    NAMES = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, install: bool = True) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict = {}
+        if install and threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for name in self.NAMES:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._note)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,10 +290,10 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)
 
 
 def git_commit() -> str | None:
@@ -545,7 +572,7 @@ class EpochStats:
     seen: int
     seconds: float
     aug_gen: torch.Generator
-    limit_reached: bool = False  # --max-steps reached in this epoch
+    stop_why: str | None = None  # --max-steps reached or a stop signal received in this epoch
     stopped_inside: int = 0  # ... before its last step: the steps done (the epoch is not complete)
 
 
@@ -564,11 +591,11 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
     stop_reason, stopped_inside = None, 0
     # what last.pt holds beyond its completed epochs, for the message of a Ctrl-C
     held_partial = (prog.partial["epoch"], prog.partial["batches"]) if prog.partial else None
+    signals = StopSignals(install=not env.ddp)
     try:
         for epoch in range(prog.epoch + 1, args.epochs + 1):
-            stats = train_epoch(args, env, d, learner, prog, epoch)
-            if stats.limit_reached:
-                stop_reason = f"--max-steps {args.max_steps} reached"
+            stats = train_epoch(args, env, d, learner, prog, epoch, signals)
+            stop_reason = stats.stop_why
             if stats.stopped_inside:
                 stopped_inside = stats.stopped_inside
                 if not env.ddp:  # torchrun's last.pt stays at the last completed epoch (no per-rank RNG state)
@@ -585,17 +612,17 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             report_epoch(rows, run_dir, args.epochs, env.is_main, val["is_best"])
             if os.environ.get(DDP_DEBUG_ENV):
                 write_ddp_report(run_dir, env, prog, d, learner, val)
+            if signals.received and not stop_reason:  # arrived during validation or saving
+                stop_reason = f"{signals.received.name} received"
             if stop_reason:
                 break
     except KeyboardInterrupt:
         return interrupted(rows, held_partial, run_dir, env.is_main)
-    except NonFiniteLoss as e:
-        done = rows[-1]["epoch"] if rows else 0
-        kept = (f"{run_dir / 'last.pt'} (epoch {done}) and best.pt are kept" if done
-                else "no epoch had completed, so there is no checkpoint")
-        print(f"error: {e}; stopped, {kept}; try a lower --lr (or --no-amp)", file=sys.stderr)
-        return 1
-    return finish(args, env, d, learner, prog, run_dir, checkpoint, stop_reason, stopped_inside)
+    except (WriteError, NonFiniteLoss) as e:
+        return failed(e, rows, run_dir)
+    finally:
+        signals.restore()
+    return finish(args, env, d, learner, prog, run_dir, checkpoint, stop_reason, stopped_inside, signals.received)
 
 
 def resume_options(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.Namespace, dict | None]:
@@ -886,8 +913,9 @@ def to_input(d: Data, images: torch.Tensor, train: bool, generator: torch.Genera
 
 
 def train_epoch(args: argparse.Namespace, env: Setup, d: Data, learner: Learner, prog: Progress,
-                epoch: int) -> EpochStats:
-    """One pass over the training shard (from a saved step on, when resuming inside this epoch)."""
+                epoch: int, signals: StopSignals) -> EpochStats:
+    """One pass over the training shard (from a saved step on, when resuming inside this epoch); it ends
+    early, after a complete step, at --max-steps or on a stop signal."""
     t0 = time.perf_counter()
     learner.train_model.train()
     part, prog.partial = (prog.partial if prog.partial and prog.partial["epoch"] == epoch else None), None
@@ -906,6 +934,12 @@ def train_epoch(args: argparse.Namespace, env: Setup, d: Data, learner: Learner,
         aug_gen.set_state(part["aug_gen"])
         s.loss_sum, s.seen, s.seconds = part["loss_sum"], part["seen"], part["seconds"]
         s.correct += part["correct"]
+    # The step never waits on the device: the loss is summed there, and a non-finite loss is remembered there
+    # (its step and value) and looked at only at the log points, every LOG_EVERY steps, as nanoGPT does.
+    # Reading loss.item() each step would sync the host with an accelerator once per step.
+    loss_sum = torch.tensor(s.loss_sum, dtype=torch.float64, device=env.device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=env.device)  # the epoch's first non-finite step
+    bad_loss = torch.zeros((), device=env.device)
     prior_seconds = s.seconds
     n_steps = len(d.train_loader)
     bar = tqdm(d.train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
@@ -923,22 +957,29 @@ def train_epoch(args: argparse.Namespace, env: Setup, d: Data, learner: Learner,
         prog.step += 1
         if args.debug_nan_step is not None and prog.step >= args.debug_nan_step:
             loss = loss * float("nan")
-        loss_val = loss.item()
-        if not math.isfinite(loss_val):
-            raise NonFiniteLoss(f"loss became {loss_val} at epoch {epoch}, step {i} (global step {prog.step})")
+        first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
+        bad_step = torch.where(first_bad, i, bad_step)
+        bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
         optimizer_step(loss, learner, env.scaler)
         n = labels.shape[0]
-        s.loss_sum += loss_val * n
+        loss_sum += loss.detach().double() * n
         s.correct += (logits.argmax(1) == labels).sum()
         s.seen += n
-        if i % 5 == 0 or i == n_steps:
-            bar.set_postfix(loss=f"{s.loss_sum / s.seen:.3f}", acc=f"{100 * s.correct.item() / s.seen:.1f}%",
+        stop_why = (f"--max-steps {args.max_steps} reached" if args.max_steps is not None and
+                    prog.step >= args.max_steps else f"{signals.received.name} received" if signals.received else None)
+        if i % LOG_EVERY == 0 or i == n_steps or stop_why:
+            b = int(bad_step.item())
+            if b >= 0:  # the steps since went on with the bad values, but last.pt on disk predates them all
+                raise NonFiniteLoss(f"loss became {bad_loss.item()} at epoch {epoch}, step {b} "
+                                    f"(global step {prog.step - (i - b)})")
+            bar.set_postfix(loss=f"{loss_sum.item() / s.seen:.3f}", acc=f"{100 * s.correct.item() / s.seen:.1f}%",
                             img_s=f"{s.seen / (time.perf_counter() - t0 + prior_seconds):.0f}")
         if args.debug_step_sleep:
             time.sleep(args.debug_step_sleep)
-        if args.max_steps is not None and prog.step >= args.max_steps:
-            s.limit_reached, s.stopped_inside = True, (i if i < n_steps else 0)
+        if stop_why:
+            s.stop_why, s.stopped_inside = stop_why, (i if i < n_steps else 0)
             break
+    s.loss_sum = loss_sum.item()
     bar.close()
     s.seconds = time.perf_counter() - t0 + prior_seconds
     return s
@@ -1067,6 +1108,21 @@ def write_ddp_report(run_dir: Path, env: Setup, prog: Progress, d: Data, learner
             "state_sha256": state_hash(learner.model.state_dict())}) + "\n", run_dir / f"ddp_rank{env.rank}.json")
 
 
+def failed(e: Exception, rows: list[dict], run_dir: Path) -> int:
+    """A write that failed (full disk, read-only folder: exit 2) or a loss that diverged (exit 1): one line
+    saying what the run folder still holds, which stays loadable."""
+    if isinstance(e, WriteError):
+        kept = (f"continue with: python train.py --resume {run_dir}" if (run_dir / "last.pt").exists()
+                else "no checkpoint was written yet")
+        print(f"error: {e}; {kept}", file=sys.stderr)
+        return 2
+    done = rows[-1]["epoch"] if rows else 0
+    kept = (f"{run_dir / 'last.pt'} (epoch {done}) and best.pt are kept" if done
+            else "no epoch had completed, so there is no checkpoint")
+    print(f"error: {e}; stopped, {kept}; try a lower --lr (or --no-amp)", file=sys.stderr)
+    return 1
+
+
 def interrupted(rows: list[dict], held_partial: tuple[int, int] | None, run_dir: Path, is_main: bool) -> int:
     """Ctrl-C: say what last.pt holds and how to go on."""
     done = rows[-1]["epoch"] if rows else 0
@@ -1086,10 +1142,18 @@ def interrupted(rows: list[dict], held_partial: tuple[int, int] | None, run_dir:
 
 
 def finish(args: argparse.Namespace, env: Setup, d: Data, learner: Learner, prog: Progress, run_dir: Path,
-           checkpoint: Callable[[], dict], stop_reason: str | None, stopped_inside: int) -> int:
-    """final.pt (a completed run's model, with no checkpoint chosen on validation images) and the summary."""
+           checkpoint: Callable[[], dict], stop_reason: str | None, stopped_inside: int,
+           stop_signal: signal.Signals | None) -> int:
+    """final.pt (a completed run's model, with no checkpoint chosen on validation images) and the summary;
+    after a stop signal, what last.pt holds and the resume command (exit 128 + the signal)."""
     if stop_reason:
         print(stop_reason)
+    if stop_signal is not None:
+        held = (f"epoch {prog.epoch} and {stopped_inside} steps of epoch {prog.epoch + 1}" if stopped_inside
+                else f"epoch {prog.epoch}")
+        print(f"{stop_signal.name}: {run_dir / 'last.pt'} holds {held}; resume with: python train.py --resume "
+              f"{run_dir}", file=sys.stderr, flush=True)
+        return 128 + int(stop_signal)
     if stopped_inside:
         where = (f"{run_dir / 'last.pt'} holds that point" if not env.ddp else
                  f"under torchrun {run_dir / 'last.pt'} stays at epoch {prog.epoch}, the last completed one")
@@ -1131,7 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout  # train() silences ranks other than 0 under torchrun
     try:
         return train(args, explicit)
-    except (TrainError, data.DataError, CheckpointError) as e:
+    except (TrainError, data.DataError, CheckpointError, WriteError) as e:
         rank = os.environ.get("RANK")
         print(f"error: {'[rank ' + rank + '] ' if rank not in (None, '0') else ''}{e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The CUDA kernels, run on the CPU through the emulator in ghost_ext/csrc/cuda_emu.h.
+"""The CUDA kernels, run on the CPU through the emulator in tests/cuda_emu/cuda_emu.h.
 
 CI builds the CUDA kernels but has no GPU to run them on; this test compiles ghost_cuda.cu and its
 host code ghost_cuda_host.cpp for the emulator (one OS thread per CUDA thread, real barriers, warp
@@ -26,7 +26,8 @@ def emu():
 
     os.environ.setdefault("MAX_JOBS", "2")
     return load(name="ghost_cuda_emu", sources=[str(REPO / "tests" / "cuda_emu" / "emu_module.cpp")],
-                extra_cflags=["-O2", "-pthread"], extra_ldflags=["-pthread"], verbose=False)
+                extra_cflags=["-O2", "-pthread"], extra_ldflags=["-pthread"],
+                extra_include_paths=[str(REPO / "tests" / "cuda_emu")], verbose=False)
 
 
 def inputs(n, c, h, w, k, dtype, channels_last, seed):

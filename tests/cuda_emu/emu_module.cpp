@@ -1,11 +1,11 @@
 // The CUDA kernels (ghost_cuda.cu) and their host code (ghost_cuda_host.cpp), compiled for the CPU
-// emulator in ghost_ext/csrc/cuda_emu.h; built on demand by tests/test_cuda_emu.py.
+// emulator in tests/cuda_emu/cuda_emu.h; built on demand by tests/test_cuda_emu.py.
 #define GHOST_CUDA_EMULATE 1
 
 #include <torch/extension.h>
 
-#include "../../ghost_ext/csrc/ghost_cuda.cu"
-#include "../../ghost_ext/csrc/ghost_cuda_host.cpp"
+#include "../../ghost_ext/csrc/cuda/ghost_cuda.cu"
+#include "../../ghost_ext/csrc/cuda/ghost_cuda_host.cpp"
 
 // The launch configuration the host code picks for x (N, C, H, W), kernel size k and out_channels.
 pybind11::dict launch_config(const at::Tensor& x, int64_t k, int64_t out_channels) {

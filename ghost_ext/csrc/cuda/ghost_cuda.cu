@@ -25,7 +25,7 @@
 #include <c10/util/Half.h>
 
 #if defined(GHOST_CUDA_EMULATE)  // tests/test_cuda_emu.py: these kernels on the CPU
-#include "cuda_emu.h"
+#include "cuda_emu.h"  // tests/cuda_emu/, on the include path of that build
 #else
 #include <cuda_runtime.h>
 #define GHOST_DYNAMIC_SMEM(type, name)                                 \

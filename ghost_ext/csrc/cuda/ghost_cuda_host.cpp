@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "ghost_cuda.h"
-#include "ghost_host.h"
+#include "../ghost_host.h"
 
 namespace ghost {
 namespace {

@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "ghost_math.h"
+#include "../ghost_math.h"
 
 namespace ghost {
 
