@@ -636,6 +636,9 @@ def _validate(ckpt: object, path: Path) -> None:
                 raise CheckpointError(f"{path}: classifier {k} has shape {shape}, which does not fit "
                                       f"num_classes={n} ({len(names)} class_names); {fix}")
             raise CheckpointError(f"{path}: {k} has shape {shape}, expected {tuple(v.shape)}; {fix}")
+        if g.is_floating_point() and not bool(torch.isfinite(g).all()):
+            raise CheckpointError(f"{path}: {k} holds NaN or inf values (saved from a diverged run?); "
+                                  f"use an earlier checkpoint")
 
 
 def _classifier_key(state_dict: dict) -> str:

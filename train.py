@@ -633,7 +633,16 @@ def resume_options(args: argparse.Namespace, explicit: set[str]) -> tuple[argpar
     if not last.exists():
         raise TrainError(f"{last} not found; --resume takes a run folder holding last.pt "
                          f"(written after each completed epoch)")
-    ckpt = load_checkpoint(last)
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointError as e:
+        best = last.with_name("best.pt")
+        try:
+            load_checkpoint(best)
+        except CheckpointError:
+            raise e from None
+        raise TrainError(f"{e}. {best} is intact: start a new run from its weights with --init-from {best} "
+                         f"(the optimizer state and position are in last.pt only)") from None
     saved = dict(ckpt["config"])
     for k in RESUME_OVERRIDABLE:
         if k in explicit:

@@ -121,3 +121,68 @@ def test_atomic_write_cleans_up_and_names_the_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # not an OSError: passed through, but the temp file still goes
         common.atomic_write(target, lambda f: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- damaged checkpoints
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, path)  # a loadable file, but not ours
+    else:
+        raise AssertionError(how)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_train(*common_args(tiny_data, out, cache_dir)[:-4], "--epochs", 1, "--name", "done")
+    assert proc.returncode == 0, proc.stderr
+    return out / "done"
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "foreign"])
+def test_resume_from_damaged_last_pt_points_at_intact_best_pt(how, finished_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run / "last.pt", how)
+    proc = run_train("--resume", run)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, str(run / "last.pt"), f"{run / 'best.pt'} is intact", f"--init-from {run / 'best.pt'}")
+    damage(run / "best.pt", how)  # both damaged: the reason for last.pt alone, no false hope
+    proc = run_train("--resume", run)
+    line = assert_one_line_error(proc, str(run / "last.pt"))
+    assert "intact" not in line
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "foreign"])
+def test_init_from_a_damaged_file_is_one_line(how, finished_run, tmp_path, tiny_data, cache_dir):
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes((finished_run / "best.pt").read_bytes())
+    damage(bad, how)
+    proc = run_train(*common_args(tiny_data, tmp_path, cache_dir), "--init-from", bad, "--name", "ft")
+    assert_one_line_error(proc, str(bad))
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "shape", "pickled_code"])
+def test_unsafe_or_broken_weights_are_refused_with_the_reason(case, finished_run, tmp_path):
+    import model as M
+    ckpt = torch.load(finished_run / "best.pt", weights_only=True)
+    key = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and v.ndim == 4)
+    if case == "nan":
+        ckpt["model"][key] = ckpt["model"][key].clone().fill_(float("nan"))
+    elif case == "inf":
+        ckpt["model"][key] = ckpt["model"][key].clone().fill_(float("inf"))
+    elif case == "shape":
+        ckpt["model"][key] = ckpt["model"][key][:1].clone()
+    else:
+        ckpt["extra"] = Path("pathlib objects are pickled as code")  # a global weights_only does not allow
+    path = tmp_path / "best.pt"
+    torch.save(ckpt, path)
+    want = {"nan": "NaN or inf", "inf": "NaN or inf", "shape": "has shape", "pickled_code": "could run code"}[case]
+    with pytest.raises(M.CheckpointError, match=want):
+        M.load_checkpoint(path)
