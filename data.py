@@ -69,6 +69,7 @@ class DatasetSpec:
     class_names: list[str]
     train: list[Record]
     test: list[Record]
+    note: str = ""  # why this layout was chosen, when the folder holds the start of others too
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,15 +323,40 @@ def find_dataset(data_dir: str | os.PathLike) -> DatasetSpec:
         raise DataError(f"data folder {data_dir} does not exist; pass --data DIR (a folder in one of the layouts: "
                         f"{LAYOUTS_HELP})")
     candidates = [data_dir / "stanford_cars", data_dir, data_dir / "car_data", data_dir / "car_data" / "car_data"]
-    for root in candidates:
+    finders = (("devkit", _find_devkit), ("all-in-one", _find_all_in_one),
+               ("class-folder", lambda r: _find_class_folder(r, data_dir)))
+    # Every layout of every candidate folder is tried, so a complete one is found whatever else lies beside it
+    # (the devkit folder next to the all-in-one files, a class-folder copy next to devkit files). Layouts whose
+    # start is there but which are incomplete are remembered for the message.
+    incomplete: list[str] = []
+    for root in dict.fromkeys(candidates):
         if not root.is_dir():
             continue
-        for finder in (_find_devkit, _find_all_in_one, lambda r: _find_class_folder(r, data_dir)):
-            spec = finder(root)
-            if spec is not None:
-                if not spec.train:
-                    raise DataError(f"{root}: the {spec.layout} layout lists no training images; check the folder")
-                return spec
+        started_here = False
+        for name, finder in finders:
+            try:
+                spec = finder(root)
+            except DataError as e:
+                incomplete.append(str(e))
+                started_here = True
+                continue
+            if spec is None:
+                continue
+            if started_here and spec.layout == "imagefolder" and not spec.test:
+                # a bare folder of subfolders is the last guess: beside an incomplete layout it would take
+                # e.g. cars_train/ and cars_test/ for two classes
+                continue
+            if not spec.train:
+                incomplete.append(f"{root}: the {spec.layout} layout lists no training images; check the folder")
+                continue
+            if incomplete:
+                spec.note = f"chose the complete {spec.layout} layout; not used: " + "; ".join(incomplete)
+            return spec
+    if len(incomplete) == 1:
+        raise DataError(incomplete[0])
+    if incomplete:
+        raise DataError(f"no complete dataset layout in {data_dir}: " + "; ".join(
+            f"({i + 1}) {m}" for i, m in enumerate(incomplete)))
     raise DataError(f"no dataset found in {data_dir} (looked in {data_dir} and {data_dir / 'stanford_cars'}); "
                     f"accepted layouts: {LAYOUTS_HELP}")
 

@@ -729,6 +729,8 @@ def load_data(args: argparse.Namespace, env: Setup) -> Data:
     train_records = subset(splits["train"], args.limit_train, args.seed)
     val_records = subset(splits["val"], args.limit_val, args.seed + 1)
     val_name = "val (held out of train)" if args.val_split else "val (= the official test split)"
+    if spec.note:
+        print(f"data: {spec.note}")
     print(f"data: {spec.root} ({spec.layout}), {len(spec.class_names)} classes, "
           f"{len(train_records)} train, {len(val_records)} {val_name}")
     train_data = data.decode_cached(train_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="train")

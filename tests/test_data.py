@@ -529,3 +529,51 @@ def test_real_data_decodes_with_bbox_crop(real_data, tmp_path):
         dec = data.decode_cached(recs, data.Preprocess(img_size=32, crop_bbox=True, bbox_margin=0.1), tmp_path)
     assert dec.images.shape == (40, 3, 32, 32) and not dec.skipped
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folders holding more than one layout (as people download them)
+
+def _all_in_one(root: Path) -> None:
+    rows = []
+    for i in range(6):
+        name = f"car_ims/{i + 1:06d}.jpg"
+        _img(root / name, (30, 20), (10, 20, 30))
+        rows.append(((1, 2, 10, 12), i % 3 + 1, name, i % 2))
+    scipy.io.savemat(root / "cars_annos.mat", {"annotations": _annos(rows, all_in_one=True), **_meta(NAMES)})
+
+
+def test_all_in_one_beside_the_devkit_folder_is_found(tmp_path):
+    """car_ims/ + cars_annos.mat with car_devkit.tgz's devkit/ unpacked beside them: once refused as an
+    incomplete devkit layout; now the complete all-in-one layout is used, and the note says why."""
+    _all_in_one(tmp_path)
+    (tmp_path / "devkit").mkdir()
+    scipy.io.savemat(tmp_path / "devkit" / "cars_meta.mat", _meta(NAMES))
+    scipy.io.savemat(tmp_path / "devkit" / "cars_train_annos.mat", {"annotations": _annos([((1, 2, 3, 4), 1, "x.jpg")])})
+    spec = data.find_dataset(tmp_path)
+    assert spec.layout == "all-in-one" and len(spec.train) == 3 and len(spec.test) == 3
+    assert "chose the complete all-in-one layout" in spec.note and "devkit layout but lacks" in spec.note
+
+
+def test_class_folder_copy_beside_devkit_files_is_found(tmp_path):
+    for split in ("train", "test"):
+        for c, name in enumerate(NAMES):
+            _img(tmp_path / split / name.replace("/", "-") / f"{split}{c}.jpg", (20, 16), (c * 40, 0, 0))
+    (tmp_path / "names.csv").write_text("\n".join(NAMES) + "\n")
+    (tmp_path / "devkit").mkdir()
+    scipy.io.savemat(tmp_path / "devkit" / "cars_meta.mat", _meta(NAMES))
+    spec = data.find_dataset(tmp_path)
+    assert spec.layout == "class-folder" and spec.class_names == NAMES and len(spec.train) == 3
+    assert "devkit" in spec.note
+
+
+def test_no_complete_layout_names_what_each_lacks(tmp_path):
+    (tmp_path / "cars_train").mkdir()
+    _img(tmp_path / "cars_train" / "00001.jpg", (20, 16), (0, 0, 0))
+    _img(tmp_path / "cars_test" / "00001.jpg", (20, 16), (0, 0, 0))
+    (tmp_path / "car_ims").mkdir()
+    with pytest.raises(data.DataError) as e:
+        data.find_dataset(tmp_path)
+    msg = str(e.value)  # both candidates, each with what it lacks; cars_train/ and cars_test/ are not two classes
+    assert "no complete dataset layout" in msg and "(1)" in msg and "(2)" in msg
+    assert "cars_test_annos_withlabels.mat" in msg and "no cars_annos.mat" in msg and "\n" not in msg
