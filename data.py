@@ -480,13 +480,22 @@ def _clamp_box(bbox: Sequence[float], margin: float, w: int, h: int) -> tuple[in
 
 
 def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> tuple[np.ndarray, str]:
-    """-> (uint8 array (S, S) or (S, S, 3), note); note is "" or why the box was ignored."""
+    """-> (uint8 array (S, S) or (S, S, 3), note); note is "" or why the box was ignored. Raises ImageError.
+
+    Pillow warns about damaged metadata it skips ("Truncated File Read", "Corrupt EXIF data"); the image is
+    then decoded or refused all the same, and a user should see one line either way, so those warnings are
+    silenced here. A decompression bomb's warning becomes the error it is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode(path, prep, bbox)
+
+
+def _decode(path: str, prep: Preprocess, bbox: Sequence[float] | None) -> tuple[np.ndarray, str]:
     S, note = prep.img_size, ""
     use_box = bbox is not None and (prep.crop_bbox or prep.erase_background)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            src = Image.open(path)
+        src = Image.open(path)
         with src:  # everything happens inside: closing the file also frees the decoded pixels
             w0, h0 = src.size
             if min(w0, h0) < MIN_SIDE:
