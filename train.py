@@ -139,6 +139,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", default="study", choices=sorted(RECIPES),
                    help="preset of defaults: study = the study's C-50 (about 130 epochs at 227 px); fast = the "
                         "best model in --epochs epochs (README: 'Recipes'); flags given explicitly still win")
+    g.add_argument("--resume-if-exists", action="store_true",
+                   help="continue <out>/<name> when it holds last.pt, else start it: the same command works for a "
+                        "first start and for every restart (torchrun --max-restarts, requeued jobs)")
     g.add_argument("--seed", type=int, default=0, help="seeds model init, shuffling, augmentation, splits")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-exact reruns on the same machine; slower on CUDA)")
@@ -626,7 +629,14 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
 
 
 def resume_options(args: argparse.Namespace, explicit: set[str]) -> tuple[argparse.Namespace, dict | None]:
-    """--resume: the run's own saved options, but for the few that may change (given explicitly)."""
+    """--resume: the run's own saved options, but for the few that may change (given explicitly).
+    --resume-if-exists: the same for <out>/<name> when it holds last.pt, else a new run of that name: the one
+    command a restarted job (torchrun --max-restarts, a requeued cluster job) can repeat as it is."""
+    if args.resume_if_exists and not args.resume:
+        if not args.name:
+            raise TrainError("--resume-if-exists needs --name (the run folder to continue when it exists)")
+        if (Path(args.out) / args.name / "last.pt").exists():
+            args.resume = str(Path(args.out) / args.name)
     if not args.resume:
         return args, None
     last = Path(args.resume) / "last.pt"

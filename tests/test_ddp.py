@@ -187,3 +187,22 @@ def test_sync_bn_ghost_modules_route_through_their_bn_modules():
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], msg=k)
+
+
+def test_resume_if_exists_needs_a_name(tmp_path, tiny):
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(tiny), "--out", str(tmp_path),
+                           "--resume-if-exists"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--resume-if-exists needs --name" in proc.stderr
+
+
+def test_resume_if_exists_runs_the_same_command_twice(tmp_path, tiny):
+    """The command a restarted job repeats as it is: the first start trains, the second continues the folder."""
+    cmd = [sys.executable, str(REPO / "train.py"), "--data", str(tiny), "--out", str(tmp_path), "--name", "run",
+           "--resume-if-exists", "--img-size", "32", "--batch-size", "6", "--width", "0.25", "--augment", "flip",
+           "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    first = subprocess.run(cmd + ["--epochs", "1"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "resuming" not in first.stdout, first.stderr
+    again = subprocess.run(cmd + ["--epochs", "2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {tmp_path / 'run'} after epoch 1" in again.stdout
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == ["1", "2"]
