@@ -471,41 +471,6 @@ class BatchTransform:
         return out
 
 # ----------------------------------------------------------------------------------------------------------
-# Mixing two images of a batch (CutMix, mixup): the loss then blends the two labels by the same weight
-
-MIX_NAMES = ("cutmix", "mixup")
-
-
-def mix_batch(x: torch.Tensor, mode: str, prob: float,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """With probability `prob`, blend each image of a normalised (B, C, H, W) batch with its neighbour in
-    the (already shuffled) batch, x.roll(1, 0); returns (batch, lam), where the labels' weights are lam for
-    the image's own label and 1 - lam for the neighbour's (the labels rolled the same way).
-
-    lam ~ Uniform(0, 1), i.e. Beta(1, 1): CutMix's default alpha, drawn with `generator` (torch's Beta has
-    none), so a resumed epoch mixes the same way. cutmix pastes a box of area 1 - lam from the neighbour
-    (lam is then recounted from the box as clipped to the image); mixup blends whole images."""
-    if mode not in MIX_NAMES:
-        raise ValueError(f"unknown mix mode '{mode}'; choose from: {' '.join(MIX_NAMES)}")
-    u = torch.rand(4, generator=generator).tolist()  # always drawn: the stream stays the same across prob
-    if u[0] >= prob or x.shape[0] < 2:
-        return x, 1.0
-    lam = u[1]
-    other = x.roll(1, 0)
-    if mode == "mixup":
-        return x * lam + other * (1 - lam), lam
-    H, W = x.shape[-2:]
-    cut = math.sqrt(1 - lam)  # the box's side fractions, so its area is 1 - lam before clipping
-    ch, cw = round(H * cut), round(W * cut)
-    cy, cx = int(u[2] * H), int(u[3] * W)  # box centre anywhere in the image (clipped at the edges)
-    y0, y1 = max(cy - ch // 2, 0), min(cy - ch // 2 + ch, H)
-    x0, x1 = max(cx - cw // 2, 0), min(cx - cw // 2 + cw, W)
-    out = x.clone()
-    out[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
-    return out, 1 - (y1 - y0) * (x1 - x0) / (H * W)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Command-line options (train.py)
 
 def add_augment_args(parser: argparse.ArgumentParser) -> None:
@@ -532,10 +497,6 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--erase-scale", type=float, nargs=2, default=[0.02, 0.33])
     g.add_argument("--erase-ratio", type=float, nargs=2, default=[0.3, 3.3])
     g.add_argument("--erase-value", type=float, default=0.0, help="erased value (after normalization: 0 = mean)")
-    g.add_argument("--mix", default="cutmix", choices=MIX_NAMES,
-                   help="how --mix-prob blends two training images: CutMix (a pasted box) or mixup (whole images)")
-    g.add_argument("--mix-prob", type=float, default=0.0,
-                   help="share of training batches that are mixed (0 = off, the reference's choice)")
 
 
 def augment_from_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:

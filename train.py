@@ -44,7 +44,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from augment import BatchTransform, add_augment_args, augment_from_args, mix_batch
+from augment import BatchTransform, add_augment_args, augment_from_args
 from common import WriteError, atomic_save, atomic_write, atomic_write_text, device_name, pick_device
 from model import (ARCHS, CHECKPOINT_FORMAT, CheckpointError, build_model, convert_sync_batchnorm, count_params,
                    load_checkpoint, zero_init_residual)
@@ -329,8 +329,6 @@ def check_options(args: argparse.Namespace) -> None:
         raise TrainError(f"--label-smoothing must lie in [0, 1) (got {args.label_smoothing})")
     if not 0 <= args.dropout < 1:
         raise TrainError(f"--dropout must lie in [0, 1) (got {args.dropout})")
-    if not 0 <= args.mix_prob <= 1:
-        raise TrainError(f"--mix-prob must lie in [0, 1] (got {args.mix_prob}); 0 turns mixing off")
     if not 0 <= args.ema < 1:
         raise TrainError(f"--ema must lie in [0, 1), e.g. 0.999 (got {args.ema}); 0 turns it off")
     if args.warmup_epochs < 0 or (args.warmup_epochs and args.scheduler in PER_EPOCH_SCHEDULES):
@@ -967,14 +965,9 @@ def train_epoch(args: argparse.Namespace, env: Setup, d: Data, learner: Learner,
                disable=not env.is_main, initial=resume_at)
     for i, (images, labels) in enumerate(bar, resume_at + 1):
         x = to_input(d, images, True, aug_gen, args.channels_last)
-        lam = 1.0
-        if args.mix_prob > 0:  # never drawn when off, so the other recipes' random streams stay as they were
-            x, lam = mix_batch(x, args.mix, args.mix_prob, aug_gen)
         with env.autocast():
             logits = learner.train_model(x)
             loss = learner.criterion(logits.float(), labels)
-            if lam < 1.0:  # cross entropy is linear in the target: blending losses = blending labels
-                loss = lam * loss + (1 - lam) * learner.criterion(logits.float(), labels.roll(1, 0))
         prog.step += 1
         if args.debug_nan_step is not None and prog.step >= args.debug_nan_step:
             loss = loss * float("nan")

@@ -1,5 +1,5 @@
 """augment.py: the batched ops against torchvision one image at a time, the whole BatchTransform, its CPU
-thread pool, batch mixing (CutMix, mixup), and inference's normalisation (data.Preprocess.to_model_input)."""
+thread pool, and inference's normalisation (data.Preprocess.to_model_input)."""
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -197,49 +197,6 @@ def test_batch_transform_thread_pool_under_inference_mode(names):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(bt(u8, train=False), bt(u8, train=False))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# batch mixing: what the image holds and the label weight lam agree
-
-def test_cutmix_pastes_a_box_whose_area_is_one_minus_lam():
-    B, H, W = 8, 24, 32
-    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, H, W).contiguous()  # image i is all i
-    for seed in range(20):
-        out, lam = augment.mix_batch(x, "cutmix", 1.0, torch.Generator().manual_seed(seed))
-        own = (out == x).all(1).float()  # pixels still the image's own
-        other = (out == x.roll(1, 0)).all(1).float()  # pixels of the neighbour whose label is labels.roll(1, 0)
-        assert torch.all(own + other == 1)
-        for i in range(B):  # every image got the same box; lam is the share of its own pixels
-            assert own[i].mean().item() == pytest.approx(lam, abs=1e-6)
-        assert 0.0 <= lam <= 1.0
-    assert x.equal(torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, H, W))  # input untouched
-
-
-def test_mixup_blends_whole_images_by_lam_and_prob_zero_is_identity():
-    x = torch.randn(6, 3, 8, 8)
-    out, lam = augment.mix_batch(x, "mixup", 1.0, torch.Generator().manual_seed(3))
-    torch.testing.assert_close(out, lam * x + (1 - lam) * x.roll(1, 0))
-    same, lam0 = augment.mix_batch(x, "cutmix", 0.0, torch.Generator().manual_seed(3))
-    assert same is x and lam0 == 1.0
-    # the draws do not depend on prob, so a resumed epoch (same generator state) mixes the same batches
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    augment.mix_batch(x, "cutmix", 0.0, g1)
-    augment.mix_batch(x, "cutmix", 1.0, g2)
-    assert torch.equal(g1.get_state(), g2.get_state())
-    with pytest.raises(ValueError, match="unknown mix mode"):
-        augment.mix_batch(x, "blend", 1.0)
-
-
-def test_mixed_loss_is_the_loss_of_mixed_soft_labels():
-    """train.py blends two hard-label losses by lam: the same as cross entropy against the blended labels
-    (smoothing included), which is what CutMix and mixup define."""
-    torch.manual_seed(0)
-    logits, y = torch.randn(6, 5), torch.randint(0, 5, (6,))
-    lam, crit = 0.3, torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    ours = lam * crit(logits, y) + (1 - lam) * crit(logits, y.roll(1, 0))
-    soft = lam * torch.nn.functional.one_hot(y, 5).float() + (1 - lam) * torch.nn.functional.one_hot(y.roll(1, 0), 5).float()
-    torch.testing.assert_close(ours, crit(logits, soft))
 
 
 # ----------------------------------------------------------------------------------------------------------
