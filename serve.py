@@ -342,7 +342,7 @@ PAGE = """<!doctype html>
   li { background: white; border-radius: 0.5rem; padding: 0.55rem 0.7rem; margin-bottom: 0.45rem; }
   .row { display: flex; justify-content: space-between; gap: 0.5rem; }
   .name { font-weight: 600; }
-  .pct { font-variant-numeric: tabular-nums; color: #57606a; }
+  .pct { font-variant-numeric: tabular-nums; color: #57606a; white-space: nowrap; }
   .bar { height: 0.45rem; background: #eaeef2; border-radius: 0.3rem; margin-top: 0.35rem; overflow: hidden; }
   .bar > div { height: 100%; background: var(--accent); }
   footer { margin-top: 1.2rem; font-size: 0.85rem; color: #57606a; }
