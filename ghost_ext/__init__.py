@@ -6,15 +6,16 @@
 computes cat([x, relu?(bn(depthwise_conv(x)))], 1)[:, :out_channels] (see reference.py) with the
 compiled kernels in csrc/ when they are built (`pip install --no-build-isolation -e .`), else with
 the plain-PyTorch reference. impl: "auto" = the extension when built and it has a kernel for x's
-device (on CUDA after a one-off self-check against the reference), else the reference with one
-warning; "ext" = the extension's kernels, always (RuntimeError when missing; no self-check, so
-tests see the kernels themselves); "torch" = the reference.
+device, else the reference with one warning; on CUDA, per call signature, whichever of the two was
+faster at that shape after the kernels passed a check there (autotune.py, like cudnn.benchmark);
+"ext" = the extension's kernels, always (RuntimeError when missing; no check, so tests see the
+kernels themselves); "torch" = the reference.
 """
 import warnings
 
 import torch
 
-from . import reference
+from . import autotune, reference
 
 __all__ = ["ghost_concat", "has_extension"]
 
@@ -27,7 +28,9 @@ except ImportError as e:  # not built, or built against another torch
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
-_cuda_ok: dict[int, bool] = {}  # self-check result per CUDA device index
+# device types where "auto" times the kernels against the reference per signature (autotune.py); on the
+# CPU the rule is fixed and measured (float32/64: the kernels; bfloat16/float16: the reference)
+_AUTOTUNE_DEVICES = {"cuda"}
 
 
 def has_extension() -> bool:
@@ -75,54 +78,26 @@ def _use_ext(impl: str, x: torch.Tensor) -> bool:
         # Measured (benchmarks/results/bench_op_cpu.md): the CPU kernels are 0.7-0.9x the reference in
         # bfloat16, whose oneDNN convolutions are fast on AVX-512 CPUs; "ext" still forces them.
         return False
-    if impl == "auto" and x.is_cuda and not _cuda_self_check(x.device):
-        return False
     return True
 
 
-def _cuda_self_check(device: torch.device) -> bool:
-    """First use on each CUDA device: compare the kernels with the reference on a small random input
-    (forward and backward, training and eval; a few ms). On mismatch warn once and use the reference."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx in _cuda_ok:
-        return _cuda_ok[idx]
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return True  # cannot run eagerly here; the first eager call checks
-    ok, why = True, ""
-    # Compare in full float32: with TF32 allowed (cuDNN's default) the reference itself is only
-    # ~1e-3 accurate. Restored in finally.
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            g = torch.Generator(device="cpu").manual_seed(1234)
-            dev = torch.device("cuda", idx)
-            x = torch.randn(3, 6, 5, 7, generator=g).to(dev)
-            w = torch.randn(6, 1, 3, 3, generator=g).to(dev)
-            gam = (torch.rand(6, generator=g) + 0.5).to(dev)
-            bet = torch.randn(6, generator=g).to(dev)
-            gout = torch.randn(3, 11, 5, 7, generator=g).to(dev)
-            for training in (True, False):
-                outs = []
-                for use in ("ext", "torch"):
-                    ts = [t.clone().requires_grad_() for t in (x, w, gam, bet)]
-                    rm, rv = torch.zeros(6, device=dev), torch.ones(6, device=dev)
-                    out = ghost_concat(*ts, rm, rv, training, 0.1, 1e-5, True, 11, impl=use)
-                    grads = torch.autograd.grad(out, ts, gout)
-                    outs.append([out, *grads, rm, rv])
-                for a, b in zip(*outs):
-                    if not torch.allclose(a, b, rtol=1e-3, atol=1e-3):
-                        ok, why = False, f"max abs diff {(a - b).abs().max().item():.3g} (training={training})"
-                        break
-    except Exception as e:  # a kernel that does not run is a failed check, not a crash
-        ok, why = False, f"{type(e).__name__}: {e}"
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    if not ok:
-        warnings.warn(f"ghost_ext: CUDA kernels disagree with the reference on cuda:{idx} ({why}); "
-                      "using the plain-PyTorch reference on this device", stacklevel=3)
-    _cuda_ok[idx] = ok
-    return ok
+def _run(impl: str, args: tuple) -> torch.Tensor:
+    return ghost_concat(*args, impl=impl)
+
+
+_chooser = autotune.Chooser(_run)
+
+
+def _autotuned_ext(args: tuple) -> bool:
+    """auto's choice for this call signature: True = the kernels (see autotune.py)."""
+    x, weight, training, relu, out_channels = args[0], args[1], args[6], args[9], args[10]
+    sig = autotune.signature(x, training, relu, out_channels, weight)
+    hit = _chooser.decisions.get(sig)
+    if hit is not None:
+        return hit == "ext"
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True  # nothing can be timed while tracing or capturing: the kernels; an eager call decides
+    return _chooser.choose(sig, args) == "ext"
 
 
 def _reference(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu,
@@ -148,15 +123,17 @@ def ghost_concat(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor,
     normalise and running_mean / running_var are updated in place, as nn.BatchNorm2d does.
 
     impl: "auto" (extension when built for x's device, else the reference with one warning; on CPU
-    bfloat16/float16 input takes the reference, which is faster there), "ext" (the extension, error
-    when missing) or "torch" (the reference)."""
+    bfloat16/float16 input takes the reference, which is faster there; on CUDA the faster of the two at
+    this signature, see autotune.py), "ext" (the extension, error when missing) or "torch" (the reference)."""
     key = (impl, x.device, x.dtype)
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, out_channels)
     if _EXT_ERROR is not None or key not in _use_ext_cache:  # _EXT_ERROR: tests monkeypatch it
         if not _use_ext(impl, x):
-            return _reference(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum,
-                              eps, relu, out_channels)
+            return _reference(*args)
         if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             _use_ext_cache[key] = True
+    if impl == "auto" and x.device.type in _AUTOTUNE_DEVICES and not _autotuned_ext(args):
+        return _reference(*args)
     c = x.shape[1]
     if not c <= out_channels <= 2 * c:
         raise ValueError(f"ghost_concat: out_channels={out_channels} must lie in [C, 2C] = [{c}, {2 * c}]")

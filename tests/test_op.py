@@ -433,13 +433,14 @@ def test_whole_model_ext_matches_torch(device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the extension's CUDA kernels")
-def test_cuda_self_check_passes_and_auto_uses_kernels():
-    ghost_ext._cuda_ok.clear()
-    assert ghost_ext._cuda_self_check(torch.device("cuda"))
+def test_cuda_auto_checks_and_times_each_signature_once():
+    ghost_ext._chooser.decisions.clear()
     t = make_inputs(2, 4, 5, 5, 3, device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         ghost_ext.ghost_concat(*t, True, 0.1, 1e-5, True, 7, impl="auto")
+    assert list(ghost_ext._chooser.decisions.values())[0] in ("ext", "torch")
+    assert len(ghost_ext._chooser.timings) == 1  # the kernels passed the check at this shape and were timed
 
 
 @pytest.mark.cuda
