@@ -56,14 +56,17 @@ run_step "environment" 20 - bash -c "nvidia-smi --query-gpu=name,driver_version,
 rm -rf build ghost_ext/_C.*.so
 run_step "build (setup.py build_ext --inplace, arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)" 120 - \
     "$PY" setup.py build_ext --inplace
-run_step "import check" 20 - "$PY" -c "import ghost_ext, torch; \
-assert ghost_ext.has_kernel('cuda'), 'no CUDA kernels in the build'; \
-print('self-check on', torch.cuda.get_device_name(), '->', ghost_ext._cuda_self_check(torch.device('cuda')))"
+run_step "import check, auto's choice at one shape" 20 - "$PY" -c "import ghost_ext, torch; \
+assert ghost_ext.has_kernel('cuda'), 'no CUDA kernels in the build'; d = 'cuda'; \
+x, w = torch.randn(64, 80, 29, 29, device=d), torch.randn(80, 1, 3, 3, device=d); \
+g, b, rm, rv = torch.ones(80, device=d), torch.zeros(80, device=d), torch.zeros(80, device=d), torch.ones(80, device=d); \
+ghost_ext.ghost_concat(x, w, g, b, rm, rv, True, 0.1, 1e-5, True, 160, impl='auto'); \
+print('auto on', torch.cuda.get_device_name(), ghost_ext._chooser.decisions, 'ext/torch s:', ghost_ext._chooser.timings)"
 
 # CUDA tests first (the point of this script), then the rest of the op's tests on this machine's CPU.
 # The slow CPU-only tests (torch.compile, export) are CI's job; here only what needs the GPU.
-run_step "pytest tests/test_op.py + CUDA data test" 75 "$RES/pytest_cuda.log" \
-    "$PY" -m pytest tests/test_op.py tests/test_data.py::test_cuda_pipeline_matches_cpu -q -p no:cacheprovider \
+run_step "pytest tests/test_op.py, test_autotune.py + CUDA augmentation test" 75 "$RES/pytest_cuda.log" \
+    "$PY" -m pytest tests/test_op.py tests/test_autotune.py tests/test_augment.py::test_cuda_pipeline_matches_cpu -q -p no:cacheprovider \
     --durations=5 -m "cuda or not slow"
 
 run_step "bench_op.py --device cuda" 80 - \
