@@ -167,16 +167,6 @@ class SqueezeExciteLinear(nn.Module):
         s = self.fc2(F.relu(self.fc1(x.mean((2, 3))), inplace=True)).clamp(0.0, 1.0)
         return x * s[:, :, None, None]
 
-    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
-        """Through the submodules instead of the functional ghost_concat, so that a SyncBatchNorm in
-        cheap_operation really synchronises (ghost_concat only borrows the BN's tensors and normalises with
-        this process's statistics). Same math as ghost_ext.reference.ghost_concat."""
-        x = self.primary_conv(x)
-        y = self.cheap_operation(x)
-        if self.relu:
-            y = F.relu(y)
-        return torch.cat([x, y], 1)[:, :self.out_chs]
-
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         f1, f2 = self.fc1, self.fc2
         s = F.linear(F.linear(x.mean((2, 3)), f1.weight, f1.bias).relu_(), f2.weight, f2.bias).clamp_(0.0, 1.0)
@@ -213,16 +203,6 @@ class ConvBnAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.conv(x)), inplace=True)
-
-    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
-        """Through the submodules instead of the functional ghost_concat, so that a SyncBatchNorm in
-        cheap_operation really synchronises (ghost_concat only borrows the BN's tensors and normalises with
-        this process's statistics). Same math as ghost_ext.reference.ghost_concat."""
-        x = self.primary_conv(x)
-        y = self.cheap_operation(x)
-        if self.relu:
-            y = F.relu(y)
-        return torch.cat([x, y], 1)[:, :self.out_chs]
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.conv.weight, self.conv.bias).relu_()
@@ -265,16 +245,6 @@ class GhostBottleneck(nn.Module):
             x = self.se(x)
         x = self.ghost2(x)
         return x + shortcut  # not in place: autograd may need ghost2's output
-
-    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
-        """Through the submodules instead of the functional ghost_concat, so that a SyncBatchNorm in
-        cheap_operation really synchronises (ghost_concat only borrows the BN's tensors and normalises with
-        this process's statistics). Same math as ghost_ext.reference.ghost_concat."""
-        x = self.primary_conv(x)
-        y = self.cheap_operation(x)
-        if self.relu:
-            y = F.relu(y)
-        return torch.cat([x, y], 1)[:, :self.out_chs]
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Inference after fuse_for_inference (BN folded into every conv): functional calls only."""

@@ -22,7 +22,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ghost_ext  # noqa: E402
+from ghost_ext.autotune import time_call  # noqa: E402
 from common import cpu_name  # noqa: E402
 
 try:
@@ -65,24 +65,8 @@ def sync(device: str) -> None:
 
 
 def timeit(fn, device: str, repeat: int, warmup: int) -> float:
-    """Median seconds of fn() (device events on CUDA, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of fn() (device events on CUDA, perf_counter on CPU): auto's own timer."""
+    return time_call(fn, device, reps=repeat, warmup=warmup)
 
 
 def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:

@@ -27,9 +27,14 @@ def signature(x: torch.Tensor, training: bool, relu: bool, out_channels: int, we
     return (x.device, x.dtype, tuple(x.shape), fmt, tuple(weight.shape), bool(training), bool(relu), int(out_channels))
 
 
-def time_call(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
-    """Median seconds of fn() after one warm-up call; CUDA events on a GPU (no host timing of async work)."""
-    fn()
+def time_call(fn: Callable[[], object], device: torch.device | str, reps: int = 5, warmup: int = 1) -> float:
+    """Median seconds of fn() after `warmup` calls; CUDA events on a GPU (no host timing of async work).
+    Also the op benchmark's timer (benchmarks/bench_op.py)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(reps):
         if device.type == "cuda":

@@ -28,3 +28,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset (3 classes, 36 training images) for the training tests."""
+    import data
+    root = tmp_path_factory.mktemp("tiny")
+    return Path(data.make_demo_dataset(root / "demo", num_classes=3, train_per_class=12, test_per_class=4, seed=0))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")

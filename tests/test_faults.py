@@ -13,18 +13,6 @@ import torch
 from test_train import ENV, REPO, assert_one_line_error, read_rows, run_train, train_cmd
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    import data
-    root = tmp_path_factory.mktemp("tiny")
-    return Path(data.make_demo_dataset(root / "demo", num_classes=3, train_per_class=12, test_per_class=4, seed=0))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def common_args(data: Path, out: Path, cache: Path) -> list:
     return ["--data", data, "--out", out, "--cache-dir", cache, "--img-size", 32, "--batch-size", 8, "--epochs", 3,
             "--deterministic", "--device", "cpu", "--seed", 3, "--scheduler", "multistep", "--milestones", 2,

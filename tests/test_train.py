@@ -61,18 +61,6 @@ def kill_inside_epoch_2(common: list, run_dir: Path) -> None:
     assert len(read_rows(run_dir)) == 1, "the kill should have landed in epoch 2"
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    import data
-    root = tmp_path_factory.mktemp("tiny")
-    return Path(data.make_demo_dataset(root / "demo", num_classes=3, train_per_class=12, test_per_class=4, seed=0))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def test_defaults_are_the_reference_recipe():
     import train
     args, explicit = train.parse_args([])
