@@ -157,6 +157,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only); "
                         "GhostModules then run the plain PyTorch path")
+    g.add_argument("--dist-timeout", type=float, default=600, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others (set-up, each all-reduce) before it "
+                        "fails, so that torchrun --max-restarts can restart the group")
     g.add_argument("--scale-lr", action="store_true",
                    help="under torchrun: multiply --lr by the world size (linear scaling); default: lr unchanged")
 
@@ -472,13 +475,15 @@ def distributed_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(env: dict, device: torch.device) -> str:
-    """nccl on CUDA, gloo on the CPU. Returns the backend's name."""
+def init_distributed(env: dict, device: torch.device, timeout_s: float) -> str:
+    """nccl on CUDA, gloo on the CPU. Returns the backend's name. timeout_s bounds the set-up and every
+    collective: a rank that waits longer for a dead peer fails, so torchrun can restart the group."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainError(f"torch.distributed ({backend}) did not start: {first}; check MASTER_ADDR/MASTER_PORT "
@@ -669,7 +674,7 @@ def set_up(args: argparse.Namespace) -> Setup:
     device = distributed_device(args.device, local_rank) if ddp else resolve_device(args.device)
     if args.sync_bn and ddp and device.type != "cuda":
         raise TrainError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel); drop --sync-bn for CPU (gloo) runs")
-    backend = init_distributed(denv, device) if ddp else None
+    backend = init_distributed(denv, device, args.dist_timeout) if ddp else None
     if ddp and rank != 0:
         sys.stdout = open(os.devnull, "w")  # main() restores it; errors still reach stderr
         warnings.filterwarnings("ignore")  # one copy of each warning (rank 0's) is enough

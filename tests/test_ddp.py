@@ -189,6 +189,64 @@ def test_sync_bn_ghost_modules_route_through_their_bn_modules():
         torch.testing.assert_close(sa[k], sb[k], msg=k)
 
 
+def _pids_of_rank(marker: str, rank: int) -> list[int]:
+    """Processes whose command line holds `marker` and whose environment says RANK=<rank> (torchrun's workers)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and "train.py" in cmd and f"RANK={rank}".encode() in env:
+            found.append(int(d.name))
+    return found
+
+
+@needs_gloo
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_elastic_restart_after_a_dead_rank_resumes_by_itself(tmp_path, tiny):
+    """torchrun --max-restarts, one rank SIGKILLed inside epoch 2: torchrun restarts the group with the same
+    command, --resume-if-exists continues the run folder from last.pt (epoch 1), and the final weights equal an
+    uninterrupted 2-rank run's. --dist-timeout bounds a restarted group's set-up (gloo's set-up after a restart
+    was seen to hang here now and then), so a hung attempt fails and is restarted instead of waiting forever."""
+    import signal
+    import time
+    common = ["--data", tiny, "--cache-dir", tmp_path / "cache", "--device", "cpu", "--threads", 1, "--img-size", 32,
+              "--batch-size", 6, "--epochs", 3, "--width", 0.25, "--augment", "flip", "--scheduler", "none",
+              "--deterministic", "--dist-timeout", 20]
+    torchrun(2, *common, "--out", tmp_path / "plain", "--name", "run")
+
+    out = tmp_path / "elastic"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "3", "--nproc_per_node",
+           "2", str(REPO / "train.py"), *map(str, common), "--out", str(out), "--name", "run", "--resume-if-exists",
+           "--debug-step-sleep", "0.3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "run" / "curves.png").exists():  # epoch 1's last file: epoch 2 begins
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before epoch 2"
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside epoch 2 (3 steps of 0.3 s)
+        victims = _pids_of_rank(str(out), 1)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "resuming" in stdout and "after epoch 1" in stdout, stdout[-3000:]
+    a = torch.load(tmp_path / "plain" / "run" / "last.pt", weights_only=True)
+    b = torch.load(out / "run" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["val_loss"] for r in rows(out / "run")] == [r["val_loss"] for r in rows(tmp_path / "plain" / "run")]
+
+
 def test_resume_if_exists_needs_a_name(tmp_path, tiny):
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(tiny), "--out", str(tmp_path),
                            "--resume-if-exists"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
