@@ -479,25 +479,34 @@ def _clamp_box(bbox: Sequence[float], margin: float, w: int, h: int) -> tuple[in
     return x1, y1, x2, y2
 
 
+# Pillow warns about damaged metadata it skips ("Truncated File Read", "Corrupt EXIF data"); the image is then
+# decoded or refused all the same, and a user should see one line either way. Filtered once here, not with
+# warnings.catch_warnings around each decode: that swaps process-wide state and is not thread-safe (the cache
+# decodes on a thread pool, and a thread restoring another's filters once hid the cache's own warning).
+# A decompression bomb's warning is filtered too: _load checks the declared size itself and refuses it.
+# Added on each decode when missing, since test runners and callers' catch_warnings blocks reset the list.
+_PILLOW_FILTERS = (("ignore", UserWarning, r"PIL\."), ("ignore", Image.DecompressionBombWarning, ""))
+
+
+def _quiet_pillow() -> None:
+    for action, category, module in _PILLOW_FILTERS:
+        if not any(f[0] == action and f[2] is category and getattr(f[3], "pattern", f[3] or "") == module
+                   for f in warnings.filters):
+            warnings.filterwarnings(action, category=category, module=module)
+
+
 def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> tuple[np.ndarray, str]:
-    """-> (uint8 array (S, S) or (S, S, 3), note); note is "" or why the box was ignored. Raises ImageError.
-
-    Pillow warns about damaged metadata it skips ("Truncated File Read", "Corrupt EXIF data"); the image is
-    then decoded or refused all the same, and a user should see one line either way, so those warnings are
-    silenced here. A decompression bomb's warning becomes the error it is."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return _decode(path, prep, bbox)
-
-
-def _decode(path: str, prep: Preprocess, bbox: Sequence[float] | None) -> tuple[np.ndarray, str]:
+    """-> (uint8 array (S, S) or (S, S, 3), note); note is "" or why the box was ignored. Raises ImageError."""
+    _quiet_pillow()
     S, note = prep.img_size, ""
     use_box = bbox is not None and (prep.crop_bbox or prep.erase_background)
     try:
-        src = Image.open(path)
+        src = Image.open(path)  # reads the header only; DecompressionBombError beyond 2x MAX_IMAGE_PIXELS
         with src:  # everything happens inside: closing the file also frees the decoded pixels
             w0, h0 = src.size
+            if Image.MAX_IMAGE_PIXELS and w0 * h0 > Image.MAX_IMAGE_PIXELS:
+                raise ImageError(f"{path}: decompression bomb ({w0}x{h0} = {w0 * h0} pixels declared, "
+                                 f"more than the {Image.MAX_IMAGE_PIXELS} allowed)")
             if min(w0, h0) < MIN_SIDE:
                 raise ImageError(f"{path}: too small ({w0}x{h0} pixels, need at least {MIN_SIDE}x{MIN_SIDE})")
             box = _clamp_box(bbox, prep.bbox_margin, w0, h0) if use_box else None

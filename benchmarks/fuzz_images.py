@@ -130,8 +130,8 @@ class Outcome:
 
 def decode_one(path: Path, prep: data.Preprocess) -> Outcome:
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as seen:  # a warning would be an extra line on a user's screen
-        warnings.simplefilter("always")
+    # a warning would be an extra line on a user's screen; recorded under the filters a user has (data.py's)
+    with warnings.catch_warnings(record=True) as seen:
         try:
             img = data.load_image(path, prep)
             ok = img.dtype == torch.uint8 and tuple(img.shape[1:]) == (prep.img_size, prep.img_size)
