@@ -39,6 +39,7 @@ import torch.nn as nn
 
 import data
 import model as M
+from common import time_models
 
 METADATA_FILE = "ghostcars.json"            # name inside the .pt2 archive (torch.export.save extra_files)
 # Tolerances on the logits, as max|exported - pytorch| / max|pytorch| per image (an element-wise ratio
@@ -270,19 +271,6 @@ def compare_logits(got: torch.Tensor, ref: torch.Tensor, tol: float) -> dict[str
             "ok": bool(rel.max() <= tol and not flips.any())}
 
 
-def latency_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int, budget_s: float = 3.0) -> float:
-    """Median wall time of fn(x) in ms after a warm-up; stops early after `budget_s` (CPU is shared)."""
-    for _ in range(3):
-        fn(x)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < runs and (time.perf_counter() - start < budget_s or len(times) < 5):
-        t = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 # ----------------------------------------------------------------------------------------------------
 # command line
 
@@ -355,11 +343,11 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     def torch_fn(t: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return fused(t)
+    runtime = "onnxruntime" if fmt == "onnx" else "torch.export.load"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lat_torch = latency_ms(torch_fn, x1, runs)
-    lat_exp = latency_ms(run, x1, runs)
-    runtime = "onnxruntime" if fmt == "onnx" else "torch.export.load"
+        times = time_models({"pytorch": torch_fn, runtime: run}, {"pytorch": x1, runtime: x1}, runs, warmup=3)
+    lat_torch, lat_exp = (statistics.median(times[n]) * 1e3 for n in ("pytorch", runtime))
     info["latency_ms"] = {"pytorch": lat_torch, runtime: lat_exp, "threads": threads}
     log(f"  latency batch 1, CPU, {threads} thread{'s' if threads > 1 else ''} (median): "
         f"{runtime} {lat_exp:.2f} ms, PyTorch eager (BN folded) {lat_torch:.2f} ms")
@@ -388,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-count", type=int, default=8, help="how many images to verify on (default 8)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison and the latency figures")
     p.add_argument("--threads", type=int, help="CPU threads for both latencies (default: torch's default)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per latency, at most ~3 s each (default 50)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per latency, PyTorch and the exported file interleaved (default 50)")
     return p
 
 

@@ -15,6 +15,7 @@ Writes bench_op_<device>.json and .md into $OUT when set, else benchmarks/result
 """
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -91,20 +92,42 @@ def _make_set(sh: dict, batch: int, dtype: torch.dtype, device: str, seed: int) 
     return t
 
 
+# "compile": torch.compile (inductor) of the reference composition, the bar a hand-written fused op must
+# clear in 2026: inductor fuses BatchNorm, ReLU and the concat by itself (the depthwise conv stays an aten
+# call). Default options, as a user writes it (dynamo then recompiles for most new shapes: seconds each on CPU).
+IMPLS = ("ext", "torch", "compile")
+_compiled = None
+
+
+def _op(impl: str):
+    global _compiled
+    if impl == "compile":
+        if _compiled is None:
+            # shapes x modes x dtypes: past the limit dynamo would quietly run the rest eagerly
+            torch._dynamo.config.recompile_limit = 4096
+            torch._dynamo.config.accumulated_recompile_limit = 8192
+            # ghost_ext's reference entry: it casts float32 weights to a bf16/fp16 x, as autocast would
+            _compiled = torch.compile(ghost_ext._reference)
+        return _compiled
+    return functools.partial(ghost_ext.ghost_concat, impl=impl)
+
+
 def _calls(impl: str, oc: int) -> dict:
     """mode -> fn(input set). fwd+bwd returns the grads (autograd.grad: nothing accumulates), so the
     same function runs eagerly and inside a CUDA graph with static inputs."""
+    op = _op(impl)
+
     def fwd_train(t):
         with torch.no_grad():
-            return ghost_ext.ghost_concat(t["x"], t["w"], t["g"], t["b"], t["rm"], t["rv"], True, 0.1, 1e-5, True, oc, impl=impl)
+            return op(t["x"], t["w"], t["g"], t["b"], t["rm"], t["rv"], True, 0.1, 1e-5, True, oc)
 
     def fwd_bwd_train(t):
-        out = ghost_ext.ghost_concat(*t["leaves"], t["rm"], t["rv"], True, 0.1, 1e-5, True, oc, impl=impl)
+        out = op(*t["leaves"], t["rm"], t["rv"], True, 0.1, 1e-5, True, oc)
         return torch.autograd.grad(out, t["leaves"], t["gout"])
 
     def fwd_eval(t):
         with torch.no_grad():
-            return ghost_ext.ghost_concat(t["x"], t["w"], t["g"], t["b"], t["rm"], t["rv"], False, 0.1, 1e-5, True, oc, impl=impl)
+            return op(t["x"], t["w"], t["g"], t["b"], t["rm"], t["rv"], False, 0.1, 1e-5, True, oc)
 
     return {"train_fwd": fwd_train, "train_fwd_bwd": fwd_bwd_train, "eval_fwd": fwd_eval}
 
@@ -171,7 +194,8 @@ def graph_time(fn, sets: list, repeat: int) -> tuple[float | None, str]:
         del graph
 
 
-def bench_shape(sh: dict, batch: int, dtype: torch.dtype, device: str, repeat: int, warmup: int) -> dict:
+def bench_shape(sh: dict, batch: int, dtype: torch.dtype, device: str, repeat: int, warmup: int,
+                impls: tuple[str, ...] = IMPLS) -> dict:
     C, OC, H, W = sh["C"], sh["out"], sh["H"], sh["W"]
     es = torch.tensor([], dtype=dtype).element_size()
     nx, nout = batch * C * H * W * es, batch * OC * H * W * es
@@ -182,7 +206,7 @@ def bench_shape(sh: dict, batch: int, dtype: torch.dtype, device: str, repeat: i
         n_sets = max(1, min(8, math.ceil(2 * l2 / (nx + 2 * nout))))
     sets = [_make_set(sh, batch, dtype, device, seed) for seed in range(n_sets)]
     res, notes = {}, []
-    for impl in ("ext", "torch"):
+    for impl in impls:
         for mode, fn in _calls(impl, OC).items():
             if device == "cuda":
                 e = eager_loop_time(fn, sets, repeat, warmup)  # first: its warm-up also initialises lazily
@@ -196,7 +220,7 @@ def bench_shape(sh: dict, batch: int, dtype: torch.dtype, device: str, repeat: i
     # floor: x read once + out written once; backward adds grad_out read, x read, grad_x written
     res["bytes"] = {"train_fwd": nx + nout, "train_fwd_bwd": 2 * (nx + nout) + nx, "eval_fwd": nx + nout}
     res["notes"] = notes
-    del sets
+    sets.clear()  # free the inputs before the cache is emptied
     if device == "cuda":
         torch.cuda.empty_cache()
     return res
@@ -253,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                     "CUDA: 3 rounds of about repeat / 3 calls, for the graph replays and for eager")
     ap.add_argument("--quick", action="store_true", help="few repeats; a smoke test, not a measurement")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (CPU)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the torch.compile baseline (its first call per shape and mode compiles: minutes)")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     ap.add_argument("--out", help="output folder (default: $OUT, else benchmarks/results)")
     args = parse_for_device(ap, argv)
@@ -262,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or os.environ.get("OUT") or REPO / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = ghost_shapes(args.img)
+    impls = tuple(i for i in IMPLS if not (i == "compile" and args.no_compile))
 
     bw = copy_bandwidth(args.device)
     result = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
@@ -277,14 +304,17 @@ def main(argv: list[str] | None = None) -> int:
             dtype = getattr(torch, dt)
             rows = []
             for sh in tqdm(shapes, desc=f"{args.device} batch {batch} {dt}"):
-                r = bench_shape(sh, batch, dtype, args.device, repeat, warmup)
+                r = bench_shape(sh, batch, dtype, args.device, repeat, warmup, impls)
                 row = {**sh, **{m: {"ext_ms": r[m]["ext"] * 1e3, "torch_ms": r[m]["torch"] * 1e3,
                                     "speedup": r[m]["torch"] / r[m]["ext"],
                                     "floor_ms": r["bytes"][m] / bw * 1e3} for m in modes}}
-                if args.device == "cuda":
-                    for m in modes:
-                        row[m]["ext_eager_ms"] = r[m]["ext_eager"] * 1e3
-                        row[m]["torch_eager_ms"] = r[m]["torch_eager"] * 1e3
+                for m in modes:
+                    if "compile" in impls:
+                        row[m]["compile_ms"] = r[m]["compile"] * 1e3
+                        row[m]["speedup_vs_compile"] = r[m]["compile"] / r[m]["ext"]
+                    if args.device == "cuda":
+                        for impl in impls:
+                            row[m][f"{impl}_eager_ms"] = r[m][f"{impl}_eager"] * 1e3
                 row["notes"] = r["notes"]
                 result["notes"] += r["notes"]
                 rows.append(row)
@@ -294,12 +324,18 @@ def main(argv: list[str] | None = None) -> int:
                 t = sum(r[m]["torch_ms"] for r in rows)
                 f = sum(r[m]["floor_ms"] for r in rows)
                 totals[m] = {"ext_ms": e, "torch_ms": t, "speedup": t / e, "floor_ms": f, "ext_over_floor": e / f}
+                if "compile" in impls:
+                    c = sum(r[m]["compile_ms"] for r in rows)
+                    totals[m].update(compile_ms=c, speedup_vs_compile=c / e,
+                                     shapes_ext_slower_than_compile=sum(r[m]["compile_ms"] < r[m]["ext_ms"] for r in rows))
                 if args.device == "cuda":
                     ee = sum(r[m]["ext_eager_ms"] for r in rows)
                     te = sum(r[m]["torch_eager_ms"] for r in rows)
                     totals[m].update(ext_eager_ms=ee, torch_eager_ms=te, eager_speedup=te / ee)
             result["runs"].append({"batch": batch, "dtype": dt, "shapes": rows, "totals": totals})
-            print(f"batch {batch} {dt}: " + ", ".join(f"{m} {totals[m]['speedup']:.2f}x" for m in modes), flush=True)
+            print(f"batch {batch} {dt}: " + ", ".join(f"{m} {totals[m]['speedup']:.2f}x" for m in modes)
+                  + ("; against torch.compile: " + ", ".join(f"{m} {totals[m]['speedup_vs_compile']:.2f}x" for m in modes)
+                     if "compile" in impls else ""), flush=True)
             write(result, out_dir)  # after every run: a time limit that cuts the benchmark keeps what it measured
 
     if args.device == "cpu" and not args.no_memory:
@@ -327,11 +363,13 @@ def summary(res: dict) -> str:
     cuda = res["device"] == "cuda"
     head = "graph ms" if cuda else "ms"
     lines = [f"{'batch':>5} {'dtype':>8} | {'mode':<14} {'ext ' + head:>13} {'torch ' + head:>14} {'speedup':>7} {'floor ms':>9}"
+             f" | {'compile ' + head:>16} {'ext vs compile':>14}"
              + (f" | {'ext eager':>9} {'torch eager':>11} {'speedup':>7}" if cuda else "")]
     for run in res["runs"]:
         for m, t in run["totals"].items():
             line = (f"{run['batch']:>5} {run['dtype']:>8} | {m:<14} {t['ext_ms']:13.2f} {t['torch_ms']:14.2f} "
-                    f"{t['speedup']:6.2f}x {t['floor_ms']:9.2f}")
+                    f"{t['speedup']:6.2f}x {t['floor_ms']:9.2f} | "
+                    + (f"{t['compile_ms']:16.2f} {t['speedup_vs_compile']:13.2f}x" if "compile_ms" in t else f"{'-':>16} {'-':>14}"))
             if cuda:
                 line += f" | {t['ext_eager_ms']:9.2f} {t['torch_eager_ms']:11.2f} {t['eager_speedup']:6.2f}x"
             lines.append(line)
@@ -357,7 +395,8 @@ def to_markdown(res: dict) -> str:
             f"to back from Python after {res['warmup']} warm-up passes (median of 3 rounds, host overhead included)"
             if res["device"] == "cuda" else f"- median of {res['repeat']} runs after {res['warmup']} warm-up")
            + f"; copy bandwidth {res['copy_bandwidth_GBps']:.1f} GB/s (read + write), used for the floor",
-           "- ext = ghost_ext kernels, torch = reference.py (conv2d + batch_norm + relu + cat);"
+           "- ext = ghost_ext kernels, torch = reference.py (conv2d + batch_norm + relu + cat), compile = "
+           "torch.compile (inductor, default options) of reference.py, timed after its first call compiled;"
            " float32 weights/BN tensors for every x dtype (as under autocast)"]
     if res.get("note"):
         out.append(f"- note: {res['note']}")
@@ -368,19 +407,26 @@ def to_markdown(res: dict) -> str:
         out.append("")
     g = "GPU (graph) " if cuda else ""
     for run in res["runs"]:
+        comp = "compile_ms" in run["totals"]["train_fwd"]
         out += [f"## batch {run['batch']}, {run['dtype']}", "",
                 f"| mode | ext {g}ms | torch {g}ms | speedup | floor ms | ext / floor |"
+                + (f" compile {g}ms | ext vs compile | shapes where compile beats ext |" if comp else "")
                 + (" ext eager ms | torch eager ms | eager speedup |" if cuda else ""),
-                "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if cuda else "")]
+                "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if comp else "") + ("---:|---:|---:|" if cuda else "")]
         for mode, t in run["totals"].items():
             out.append(f"| {mode} (sum of 32) | {t['ext_ms']:.2f} | {t['torch_ms']:.2f} | {t['speedup']:.2f}x | "
                        f"{t['floor_ms']:.2f} | {t['ext_over_floor']:.1f} |"
+                       + (f" {t['compile_ms']:.2f} | {t['speedup_vs_compile']:.2f}x | "
+                          f"{t['shapes_ext_slower_than_compile']} of 32 |" if comp else "")
                        + (f" {t['ext_eager_ms']:.2f} | {t['torch_eager_ms']:.2f} | {t['eager_speedup']:.2f}x |" if cuda else ""))
-        out += ["", f"| shape | C | out | HxW | train fwd ext/torch {g}ms | train fwd+bwd ext/torch {g}ms | "
-                f"eval fwd ext/torch {g}ms |" + (" train fwd+bwd eager ext/torch ms |" if cuda else ""),
+        trio = "/compile" if comp else ""
+        out += ["", f"| shape | C | out | HxW | train fwd ext/torch{trio} {g}ms | train fwd+bwd ext/torch{trio} {g}ms | "
+                f"eval fwd ext/torch{trio} {g}ms |" + (" train fwd+bwd eager ext/torch ms |" if cuda else ""),
                 "|---|---:|---:|---|---|---|---|" + ("---|" if cuda else "")]
         for r in run["shapes"]:
-            cells = [f"{r[mo]['ext_ms']:.3f} / {r[mo]['torch_ms']:.3f} ({r[mo]['speedup']:.2f}x)"
+            cells = [f"{r[mo]['ext_ms']:.3f} / {r[mo]['torch_ms']:.3f}"
+                     + (f" / {r[mo]['compile_ms']:.3f}" if comp else "") + f" ({r[mo]['speedup']:.2f}x"
+                     + (f", {r[mo]['speedup_vs_compile']:.2f}x" if comp else "") + ")"
                      for mo in ("train_fwd", "train_fwd_bwd", "eval_fwd")]
             if cuda:
                 fb = r["train_fwd_bwd"]

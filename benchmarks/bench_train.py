@@ -5,8 +5,10 @@
 
 One training step = forward, label-smoothed cross entropy, backward, AdamW step, on synthetic data
 already on the device (so the figure is the model's speed, not the data pipeline's). Each model gets
---warmup untimed steps, then --steps timed ones; all models run in this one process with the same
-thread count, their timed steps interleaved round robin. Writes bench_train_<device>.json and .md
+--warmup untimed steps, then --steps timed ones in blocks of --steps-per-timing with one device sync per block
+(as train.py reads the loss every few steps); all models run in this one process with the same thread count,
+their timed blocks interleaved round robin. --compile adds torch.compile rows, --sync-row the cost of a host
+sync after every step. Writes bench_train_<device>.json and .md
 into benchmarks/results/ (or --out-dir, or $OUT).
 """
 from __future__ import annotations
@@ -42,15 +44,22 @@ def sync(device: torch.device) -> None:
 class Trainer:
     """One model's training step on a fixed synthetic batch already on the device."""
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, device: torch.device):
+    def __init__(self, model: nn.Module, args: argparse.Namespace, device: torch.device,
+                 compiled: bool = False, item_each_step: bool = False, img_size: int | None = None):
         self.device = device
         self.model = model.to(device).train()
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # the forward+backward through torch.compile (inductor); the gradient check below runs the eager module
+        self.forward = torch.compile(self.model) if compiled else self.model
+        # a host sync per step (what train.py did before it read the loss every LOG_EVERY steps)
+        self.item_each_step = item_each_step
+        self.block = args.steps_per_timing
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.6)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         g = torch.Generator(device="cpu").manual_seed(0)
-        self.x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+        size = img_size or args.img_size[0]
+        self.x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
         if args.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
@@ -62,20 +71,25 @@ class Trainer:
         self.times: list[float] = []
 
     def step(self, timed: bool) -> None:
+        """`block` training steps back to back and one device sync after them, as train.py runs (it looks at
+        the loss every LOG_EVERY steps); the time per step is the block's over its length."""
         t0 = time.perf_counter()
-        with self.autocast:
-            loss = self.criterion(self.model(self.x).float(), self.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        for _ in range(self.block):
+            with self.autocast:
+                loss = self.criterion(self.forward(self.x).float(), self.y)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            if self.item_each_step:
+                loss.item()
         sync(self.device)
         if timed:
-            self.times.append(time.perf_counter() - t0)
+            self.times.append((time.perf_counter() - t0) / self.block)
 
     def grads(self) -> list[torch.Tensor | None]:
         """Gradients of one forward/backward (no optimizer step) of a float64 copy of the model on 8 of the
@@ -101,16 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--img-size", type=int, default=227)
+    p.add_argument("--img-size", type=int, nargs="+", default=[227],
+                   help="input size; several: ghostnet (ghost_op=ext, else torch) again at each further size")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=196)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (whole blocks)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU; bf16 or fp16 on CUDA)")
     p.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-timm", action="store_true", help="skip timm's ghostnet_100")
+    p.add_argument("--compile", action="store_true",
+                   help="also ghostnet (both ops) and timm's ghostnet_100 through torch.compile (compiles first: minutes on CPU)")
+    p.add_argument("--sync-row", action="store_true",
+                   help="also ghostnet (ghost_op=ext) with loss.item() after every step: what a per-step host sync costs")
+    p.add_argument("--steps-per-timing", type=int, default=5,
+                   help="steps run back to back per timing (one device sync after them; train.py's LOG_EVERY)")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. 'cores shared')")
     p.add_argument("--out-dir", default=None, help="default: $OUT when set, else benchmarks/results")
     args = p.parse_args(argv)
@@ -128,27 +149,47 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir or os.environ.get("OUT") or REPO / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    candidates = [("ghostnet (ghost_op=torch)", lambda: build_model("ghostnet", args.num_classes, ghost_op="torch"))]
-    has_kernel = getattr(ghost_ext, "has_kernel", lambda d: ghost_ext.has_extension())
-    if has_kernel(device):
+    # (row name, model factory, options of Trainer)
+    candidates = [("ghostnet (ghost_op=torch)", lambda: build_model("ghostnet", args.num_classes, ghost_op="torch"), {})]
+    ops = ["torch"]
+    if ghost_ext.has_kernel(device):
+        ops.append("ext")
         candidates.append(("ghostnet (ghost_op=ext)",
-                           lambda: build_model("ghostnet", args.num_classes, ghost_op="ext")))
+                           lambda: build_model("ghostnet", args.num_classes, ghost_op="ext"), {}))
+        if device.type == "cuda":  # auto: per-shape choice between the kernels and the reference (autotune.py)
+            ops.append("auto")
+            candidates.append(("ghostnet (ghost_op=auto)",
+                               lambda: build_model("ghostnet", args.num_classes, ghost_op="auto"), {}))
+        if args.sync_row:
+            candidates.append(("ghostnet (ghost_op=ext), loss.item() every step",
+                               lambda: build_model("ghostnet", args.num_classes, ghost_op="ext"), {"item_each_step": True}))
     else:
         print(f"note: ghost_ext has no {device.type} kernels built, so no ghost_op=ext row "
               f"(pip install --no-build-isolation -e .)")
+    if args.compile:
+        for op in ops:
+            candidates.append((f"ghostnet (ghost_op={op}), torch.compile",
+                               lambda op=op: build_model("ghostnet", args.num_classes, ghost_op=op), {"compiled": True}))
     try:
         import timm
         if not args.no_timm:
-            candidates.append(("timm ghostnet_100", lambda: timm.create_model("ghostnet_100", pretrained=False,
-                                                                              num_classes=args.num_classes)))
+            def make_timm() -> nn.Module:
+                return timm.create_model("ghostnet_100", pretrained=False, num_classes=args.num_classes)
+            candidates.append(("timm ghostnet_100", make_timm, {}))
+            if args.compile:
+                candidates.append(("timm ghostnet_100, torch.compile", make_timm, {"compiled": True}))
     except ImportError:
         timm = None
         print("note: timm not installed, so no timm ghostnet_100 row")
 
+    for size in args.img_size[1:]:  # the training cost of a larger or smaller input, measured in the same run
+        op = "ext" if "ext" in ops else "torch"
+        candidates.append((f"ghostnet (ghost_op={op}) at {size} px",
+                           lambda op=op: build_model("ghostnet", args.num_classes, ghost_op=op), {"img_size": size}))
     trainers = []
-    for name, make in candidates:
+    for name, make, opts in candidates:
         torch.manual_seed(0)
-        trainers.append((name, Trainer(make(), args, device)))
+        trainers.append((name, Trainer(make(), args, device, **opts)))
     # gradient check: the ghostnet variants start from the same weights (same seed), so their first
     # gradients (float64) must agree; a missing gradient or a difference over 1e-6 marks that row as suspect
     ref = trainers[0][1].grads()
@@ -157,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         g = tr.grads() if tr is not trainers[0][1] else ref
         missing = sum(x is None for x in g)
         rel = None
-        if name.startswith("ghostnet") and len(g) == len(ref):
+        if name.startswith("ghostnet") and len(g) == len(ref) and tr.x.shape == trainers[0][1].x.shape:
             # relative to the largest gradient anywhere: some gradients are zero in exact arithmetic
             # (a bias right before a BatchNorm), so a per-tensor ratio would compare rounding noise
             scale = max(b.abs().max().item() for b in ref if b is not None) + 1e-12
@@ -166,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         if missing or (rel is not None and rel > 1e-6):
             print(f"WARNING: {name}: {missing} parameters got no gradient, max relative gradient difference "
                   f"to ghost_op=torch {rel}: its throughput is not comparable", file=sys.stderr)
+    blocks = max(1, args.steps // args.steps_per_timing)
     for name, tr in trainers:
-        for _ in range(args.warmup):
+        for _ in range(-(-args.warmup // args.steps_per_timing)):  # whole blocks; a compiled model compiles here
             tr.step(timed=False)
-    # timed steps interleaved across models (round robin), so a change in machine load hits all alike
-    for _ in range(args.steps):
+    # timed blocks interleaved across models (round robin), so a change in machine load hits all alike
+    for _ in range(blocks):
         for name, tr in trainers:
             tr.step(timed=True)
     if device.type == "cuda":
@@ -184,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         r = {"model": name, **tr.summary(args.batch_size), **checks[name]}
         if device.type == "cuda":
             r["peak_mem_mib"] = tr.peak
+            r["peak_mem_mib_per_img"] = round(tr.peak / args.batch_size, 2)
         results.append(r)
         print(f"{name:28s} {r['img_per_s']:9.1f} img/s  (median step {r['ms_per_step_median']:.1f} ms "
               f"= {r['img_per_s_median']:.1f} img/s)", flush=True)
@@ -198,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "timm": getattr(timm, "__version__", None), "ghost_ext_compiled": ghost_ext.has_extension()},
-        "settings": {"img_size": args.img_size, "batch_size": args.batch_size, "num_classes": args.num_classes,
+        "settings": {"img_size": args.img_size[0], "more_img_sizes": args.img_size[1:], "batch_size": args.batch_size, "num_classes": args.num_classes,
                      "steps": args.steps, "warmup": args.warmup, "amp": args.amp, "amp_dtype": args.amp_dtype,
-                     "channels_last": args.channels_last},
+                     "channels_last": args.channels_last, "steps_per_timing": args.steps_per_timing,
+                     "compile": args.compile},
         "note": args.note,
         "results": results,
     }
@@ -208,19 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Training throughput ({device.type})", "",
              f"{report['date']}, {dev_name}, {report['threads']} threads, torch {torch.__version__}, "
-             f"{args.img_size} px, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, "
+             f"{args.img_size[0]} px (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} warm-up + {blocks} timed blocks of "
+             f"{args.steps_per_timing} steps (one device sync per block), "
              f"amp {'on' if args.amp else 'off'}{', channels_last' if args.channels_last else ''}.",
              f"Command: `{report['command']}`" + (f"  \nNote: {args.note}" if args.note else ""), "",
              "Timed steps run round robin across the models.", "",
              "| model | params | img/s (all steps) | img/s (median step) | ms/step median | ms/step min "
-             "| grads vs ghost_op=torch |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| grads vs ghost_op=torch |" + (" peak MiB | MiB per image |" if device.type == "cuda" else ""),
+             "|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if device.type == "cuda" else "")]
     for r in results:
         rel = r["max_rel_grad_diff_vs_torch"]
         check = (f"{r['params_without_grad']} params without grad!" if r["params_without_grad"]
                  else "-" if rel is None else f"max rel diff {rel:.1e}")
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['img_per_s']:.1f} | {r['img_per_s_median']:.1f} "
-                     f"| {r['ms_per_step_median']:.1f} | {r['ms_per_step_min']:.1f} | {check} |")
+                     f"| {r['ms_per_step_median']:.1f} | {r['ms_per_step_min']:.1f} | {check} |"
+                     + (f" {r['peak_mem_mib']:.0f} | {r['peak_mem_mib_per_img']:.1f} |" if "peak_mem_mib" in r else ""))
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_dir / stem}.json and .md")
     return 0
