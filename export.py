@@ -340,13 +340,10 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     M.set_ghost_op(fused, "auto")
     x1 = x[:1]
 
-    def torch_fn(t: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return fused(t)
     runtime = "onnxruntime" if fmt == "onnx" else "torch.export.load"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        times = time_models({"pytorch": torch_fn, runtime: run}, {"pytorch": x1, runtime: x1}, runs, warmup=3)
+        warnings.simplefilter("ignore")  # time_models runs under torch.inference_mode already
+        times = time_models({"pytorch": fused, runtime: run}, {"pytorch": x1, runtime: x1}, runs, warmup=3)
     lat_torch, lat_exp = (statistics.median(times[n]) * 1e3 for n in ("pytorch", runtime))
     info["latency_ms"] = {"pytorch": lat_torch, runtime: lat_exp, "threads": threads}
     log(f"  latency batch 1, CPU, {threads} thread{'s' if threads > 1 else ''} (median): "

@@ -175,11 +175,11 @@ print(f"{r['machine'].get('gpu', '?')}, copy {r['copy_bandwidth_GBps']:.0f} GB/s
 for run in r["runs"]:
     for m, t in run["totals"].items():
         line = (f"  batch {run['batch']:>4} {run['dtype']:>9} {m:<14} GPU ext {t['ext_ms']:7.2f} torch {t['torch_ms']:7.2f} ms"
-                f" {t['speedup']:5.2f}x")
+                f" {t['speedup']:5.2f}x floor {t['floor_ms']:6.2f}")
         if "compile_ms" in t:
             line += f" | compile {t['compile_ms']:7.2f} ms, ext {t['speedup_vs_compile']:5.2f}x"
         if "ext_eager_ms" in t:
-            line += f" | eager {t['eager_speedup']:5.2f}x"
+            line += f" | eager ext {t['ext_eager_ms']:7.2f} torch {t['torch_eager_ms']:7.2f} ms {t['eager_speedup']:5.2f}x"
         print(line)
 for n in r.get("notes", [])[:8]:
     print("  note:", n)
@@ -193,6 +193,8 @@ r = json.load(open(sys.argv[1]))
 for impl in ("ext", "torch"):
     s = r["summary"][impl]
     print(f"  {impl:>5}: wall {s['wall_us'] / 1e3:6.2f} ms, busy {s['busy_us'] / 1e3:6.2f} ms, {s['launches']:.0f} launches")
+    for name, k in list(r["totals"][impl].items())[:5]:
+        print(f"         {k['us'] / 1e3:6.2f} ms  {k['count']:5.0f}x  {name}")
 EOF
     fi
     for M in "$RES/bench_train_cuda.md" "$RES/batch256/bench_train_cuda.md"; do
