@@ -43,6 +43,15 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none): benchmark records state it, since
+    another busy process changes every timing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a timer must not stop before the kernels do)."""
     if device.type == "cuda":

@@ -74,9 +74,6 @@ RECIPES: dict[str, dict] = {
                  augment=["flip", "resized_crop"], crop_scale=[0.35, 1.0]),
 }
 DEMO_DATA = dict(num_classes=4, train_per_class=60, test_per_class=25)  # 240 train, 100 val images
-# Test hook: when set, every rank writes ddp_rank<r>.json (its weights' hash, images it validated) into the run
-# folder after each epoch, so a test can check that all ranks hold identical weights.
-DDP_DEBUG_ENV = "GHOSTCARS_DDP_DEBUG"
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -616,8 +613,6 @@ def train(args: argparse.Namespace, explicit: set[str]) -> int:
             held_partial = None
             rows.append(metrics_row(epoch, stats, val))
             report_epoch(rows, run_dir, args.epochs, env.is_main, val["is_best"])
-            if os.environ.get(DDP_DEBUG_ENV):
-                write_ddp_report(run_dir, env, prog, d, learner, val)
             if signals.received and not stop_reason:  # arrived during validation or saving
                 stop_reason = f"{signals.received.name} received"
             if stop_reason:
@@ -1115,16 +1110,6 @@ def report_epoch(rows: list[dict], run_dir: Path, epochs: int, is_main: bool, is
           f"acc {100 * r['train_acc']:5.1f}%  val loss {r['val_loss']:.4f} acc {100 * r['val_acc']:5.1f}% "
           f"top5 {100 * r['val_top5']:5.1f}%  {r['seconds']:5.1f}s {r['img_per_s']:6.0f} img/s"
           f"{'  *best' if is_best else ''}", flush=True)
-
-
-def write_ddp_report(run_dir: Path, env: Setup, prog: Progress, d: Data, learner: Learner, val: dict) -> None:
-    """Test hook (DDP_DEBUG_ENV): this rank's view of the epoch, so a test can check that all ranks agree."""
-    if run_dir.is_dir():
-        atomic_write_text(json.dumps({
-            "rank": env.rank, "world_size": env.world, "epoch": prog.epoch, "step": prog.step,
-            "train_steps": len(d.train_loader), "val_seen_rank": val["seen_rank"], "val_seen": val["seen"],
-            "val_acc": val["val_acc"], "val_loss": val["val_loss"],
-            "state_sha256": state_hash(learner.model.state_dict())}) + "\n", run_dir / f"ddp_rank{env.rank}.json")
 
 
 def failed(e: Exception, rows: list[dict], run_dir: Path) -> int:

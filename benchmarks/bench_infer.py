@@ -7,7 +7,9 @@
 Every model is measured in the same best form: BatchNorm folded (model.fuse_for_inference; timm's
 ghostnet_100 goes through the same function), eval, torch.inference_mode, contiguous float32 input,
 the same --compile / --channels-last setting for all. ghostnet is timed twice, with the fused C++
-ghost op (ghost_ext, impl "ext") and with the plain-PyTorch op, to show what the extension buys.
+ghost op (ghost_ext, impl "ext") and with the plain-PyTorch op, to show what the extension buys, and
+once more with the fused op but through its submodules' forward() instead of the folded model's
+functional forward_fused path, to show what that second forward path buys.
 The timing rounds are interleaved (each round runs every model once, starting with a different model
 each round), so a slow phase of a shared machine hits all models alike; figures are medians.
 Results: benchmarks/results/infer_<device>.json and .md, with machine, threads, versions, date, command.
@@ -15,6 +17,7 @@ Results: benchmarks/results/infer_<device>.json and .md, with machine, threads, 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -31,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import ghost_ext  # noqa: E402
 import model as M  # noqa: E402
-from common import cpu_name, time_models  # noqa: E402  (the same interleaved timer as evaluate.py)
+from common import cpu_name, load_average, time_models  # noqa: E402  (the same interleaved timer as evaluate.py)
 
 PEERS = ("ghostnet_official", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0", "efficientnet_b0")
 NUM_CLASSES = 196
@@ -58,9 +61,47 @@ def build_models(ghost_ops: list[str]) -> tuple[dict[str, torch.nn.Module], dict
     return {k: v.eval() for k, v in models.items()}, notes
 
 
+def module_calls(folded: torch.nn.Module) -> torch.nn.Module:
+    """The same BN-folded GhostNet, run through every submodule's forward() instead of the functional
+    forward_fused path (same weights, same numbers): the row that shows what forward_fused buys."""
+    variant = copy.deepcopy(folded)
+    for m in variant.modules():
+        if isinstance(m, (M.GhostNet, M.GhostModule)):
+            m.fused = False
+    return variant
+
+
 def quartiles(v: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
     return q[0], statistics.median(v), q[2]
+
+
+def markdown(result: dict, args: argparse.Namespace) -> list[str]:
+    """The .md table of one run (result as written to the .json)."""
+    machine, versions, threads, rows = result["machine"], result["versions"], result["threads"], result["rows"]
+    has_ext, skipped = result["ghost_ext_built"], result["skipped"]
+    md = [f"# Inference speed, {args.device.upper()}, {args.img_size} px, BN folded",
+          "",
+          f"{result['date']} · {machine['cpu']}" + (f" · {machine.get('gpu')}" if "gpu" in machine else "")
+          + f" · {threads} threads · load (1 min) {machine.get('load_1min_before')} before, "
+          f"{machine.get('load_1min_after')} after · torch {versions['torch']}, torchvision {versions.get('torchvision', '-')}, "
+          f"timm {versions.get('timm', '-')} · ghost_ext built: {has_ext}",
+          "",
+          f"`{result['command']}`",
+          "",
+          f"Latency: median of {args.runs} runs at batch 1 (interquartile range in brackets); throughput: "
+          f"batch {args.batch}, median of {args.batch_runs}. Rounds interleaved across models; eval, "
+          f"inference_mode, compile={args.compile}, channels_last={args.channels_last} for all.",
+          "",
+          "| model | params (M) | MMACs | latency b1 (ms) | throughput b32 (img/s) | note |",
+          "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        md.append(f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e6:.0f} | "
+                  f"{r['latency_ms']:.2f} [{r['latency_ms_q1']:.2f}–{r['latency_ms_q3']:.2f}] | "
+                  f"{r['throughput']:.1f} | {r['note']} |")
+    for k, v in skipped.items():
+        md.append(f"| {k} | | | | | {v} |")
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             f = torch.compile(f)
         fused[name] = f
+    best = "ghostnet [ext]" if "ghostnet [ext]" in fused else "ghostnet [torch]" if "ghostnet [torch]" in fused else None
+    if best is not None:
+        name = f"{best}, module calls"
+        fused[name], static[name] = module_calls(fused[best]), static[best]
+        notes[name] = "BN folded, but submodule forward() calls instead of forward_fused"
 
     def inp(b: int) -> torch.Tensor:
         x = torch.randn(b, 3, args.img_size, args.img_size, device=device)
         return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
     x1, xb = inp(1), inp(args.batch)
+    load_before = load_average()
     t1 = time_models(fused, {n: x1 for n in fused}, args.runs, args.warmup, "batch 1")
     tb = time_models(fused, {n: xb for n in fused}, args.batch_runs, max(1, args.warmup // 2), f"batch {args.batch}")
 
@@ -135,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()}
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+               "load_1min_before": load_before, "load_1min_after": load_average()}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(0)
     result = {
@@ -153,26 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "benchmarks" / "results" / f"infer_{args.device}"
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(out) + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Inference speed, {args.device.upper()}, {args.img_size} px, BN folded",
-          "",
-          f"{result['date']} · {machine['cpu']}" + (f" · {machine.get('gpu')}" if "gpu" in machine else "")
-          + f" · {threads} threads · torch {versions['torch']}, torchvision {versions.get('torchvision', '-')}, "
-          f"timm {versions.get('timm', '-')} · ghost_ext built: {has_ext}",
-          "",
-          f"`{result['command']}`",
-          "",
-          f"Latency: median of {args.runs} runs at batch 1 (interquartile range in brackets); throughput: "
-          f"batch {args.batch}, median of {args.batch_runs}. Rounds interleaved across models; eval, "
-          f"inference_mode, compile={args.compile}, channels_last={args.channels_last} for all.",
-          "",
-          "| model | params (M) | MMACs | latency b1 (ms) | throughput b32 (img/s) | note |",
-          "|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        md.append(f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e6:.0f} | "
-                  f"{r['latency_ms']:.2f} [{r['latency_ms_q1']:.2f}–{r['latency_ms_q3']:.2f}] | "
-                  f"{r['throughput']:.1f} | {r['note']} |")
-    for k, v in skipped.items():
-        md.append(f"| {k} | | | | | {v} |")
+    md = markdown(result, args)
     Path(str(out) + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     print(f"\nwrote {out}.json and {out}.md", file=sys.stderr)

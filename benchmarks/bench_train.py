@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -32,13 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import ghost_ext  # noqa: E402
-from common import cpu_name  # noqa: E402
+from common import cpu_name, device_name, load_average, pick_device, sync  # noqa: E402
 from model import build_model, count_params  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Trainer:
@@ -111,12 +107,14 @@ class Trainer:
                 "ms_per_step_min": round(1000 * t[0], 2), "params": count_params(self.model)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--img-size", type=int, nargs="+", default=[227],
                    help="input size; several: ghostnet (ghost_op=ext, else torch) again at each further size")
+    p.add_argument("--width", type=float, nargs="+", default=[1.0],
+                   help="ghostnet channel multiplier; several: ghostnet again at each further width (and size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=196)
     p.add_argument("--steps", type=int, default=20, help="timed steps per model (whole blocks)")
@@ -134,71 +132,64 @@ def main(argv: list[str] | None = None) -> int:
                    help="steps run back to back per timing (one device sync after them; train.py's LOG_EVERY)")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. 'cores shared')")
     p.add_argument("--out-dir", default=None, help="default: $OUT when set, else benchmarks/results")
-    args = p.parse_args(argv)
+    return p
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("error: --device cuda but torch sees no CUDA device; use --device cpu", file=sys.stderr)
-            return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.backends.cudnn.benchmark = True
-    out_dir = Path(args.out_dir or os.environ.get("OUT") or REPO / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    # (row name, model factory, options of Trainer)
-    candidates = [("ghostnet (ghost_op=torch)", lambda: build_model("ghostnet", args.num_classes, ghost_op="torch"), {})]
+def candidates(args: argparse.Namespace, device: torch.device) -> list[tuple[str, Callable[[], nn.Module], dict]]:
+    """(row name, model factory, Trainer options) of every row asked for."""
+    w0 = args.width[0]
+
+    def ghostnet(op: str, width: float = w0) -> Callable[[], nn.Module]:
+        return lambda: build_model("ghostnet", args.num_classes, ghost_op=op, width=width)
+
+    rows = [("ghostnet (ghost_op=torch)", ghostnet("torch"), {})]
     ops = ["torch"]
     if ghost_ext.has_kernel(device):
         ops.append("ext")
-        candidates.append(("ghostnet (ghost_op=ext)",
-                           lambda: build_model("ghostnet", args.num_classes, ghost_op="ext"), {}))
+        rows.append(("ghostnet (ghost_op=ext)", ghostnet("ext"), {}))
         if device.type == "cuda":  # auto: per-shape choice between the kernels and the reference (autotune.py)
             ops.append("auto")
-            candidates.append(("ghostnet (ghost_op=auto)",
-                               lambda: build_model("ghostnet", args.num_classes, ghost_op="auto"), {}))
+            rows.append(("ghostnet (ghost_op=auto)", ghostnet("auto"), {}))
         if args.sync_row:
-            candidates.append(("ghostnet (ghost_op=ext), loss.item() every step",
-                               lambda: build_model("ghostnet", args.num_classes, ghost_op="ext"), {"item_each_step": True}))
+            rows.append(("ghostnet (ghost_op=ext), loss.item() every step", ghostnet("ext"), {"item_each_step": True}))
     else:
         print(f"note: ghost_ext has no {device.type} kernels built, so no ghost_op=ext row "
               f"(pip install --no-build-isolation -e .)")
     if args.compile:
         for op in ops:
-            candidates.append((f"ghostnet (ghost_op={op}), torch.compile",
-                               lambda op=op: build_model("ghostnet", args.num_classes, ghost_op=op), {"compiled": True}))
-    try:
-        import timm
-        if not args.no_timm:
+            rows.append((f"ghostnet (ghost_op={op}), torch.compile", ghostnet(op), {"compiled": True}))
+    if not args.no_timm:
+        try:
+            import timm
+
             def make_timm() -> nn.Module:
                 return timm.create_model("ghostnet_100", pretrained=False, num_classes=args.num_classes)
-            candidates.append(("timm ghostnet_100", make_timm, {}))
+            rows.append(("timm ghostnet_100", make_timm, {}))
             if args.compile:
-                candidates.append(("timm ghostnet_100, torch.compile", make_timm, {"compiled": True}))
-    except ImportError:
-        timm = None
-        print("note: timm not installed, so no timm ghostnet_100 row")
+                rows.append(("timm ghostnet_100, torch.compile", make_timm, {"compiled": True}))
+        except ImportError:
+            print("note: timm not installed, so no timm ghostnet_100 row")
+    # the training cost of another input size or width, measured in the same run
+    op = "ext" if "ext" in ops else "torch"
+    for width in args.width:
+        for size in args.img_size:
+            if (width, size) != (w0, args.img_size[0]):
+                rows.append((f"ghostnet (ghost_op={op}) width {width:g} at {size} px", ghostnet(op, width),
+                             {"img_size": size}))
+    return rows
 
-    for size in args.img_size[1:]:  # the training cost of a larger or smaller input, measured in the same run
-        op = "ext" if "ext" in ops else "torch"
-        candidates.append((f"ghostnet (ghost_op={op}) at {size} px",
-                           lambda op=op: build_model("ghostnet", args.num_classes, ghost_op=op), {"img_size": size}))
-    trainers = []
-    for name, make, opts in candidates:
-        torch.manual_seed(0)
-        trainers.append((name, Trainer(make(), args, device, **opts)))
-    # gradient check: the ghostnet variants start from the same weights (same seed), so their first
-    # gradients (float64) must agree; a missing gradient or a difference over 1e-6 marks that row as suspect
+
+def gradient_checks(trainers: list[tuple[str, Trainer]]) -> dict[str, dict]:
+    """The ghostnet rows of the first row's shape start from the same weights (same seed), so their first
+    gradients (float64) must agree: a missing gradient or a difference over 1e-6 marks that row as suspect."""
     ref = trainers[0][1].grads()
     checks = {}
     for name, tr in trainers:
         g = tr.grads() if tr is not trainers[0][1] else ref
         missing = sum(x is None for x in g)
         rel = None
-        if name.startswith("ghostnet") and len(g) == len(ref) and tr.x.shape == trainers[0][1].x.shape:
+        same_net = len(g) == len(ref) and all(a is None or b is None or a.shape == b.shape for a, b in zip(g, ref))
+        if name.startswith("ghostnet") and same_net and tr.x.shape == trainers[0][1].x.shape:
             # relative to the largest gradient anywhere: some gradients are zero in exact arithmetic
             # (a bias right before a BatchNorm), so a per-tensor ratio would compare rounding noise
             scale = max(b.abs().max().item() for b in ref if b is not None) + 1e-12
@@ -207,20 +198,72 @@ def main(argv: list[str] | None = None) -> int:
         if missing or (rel is not None and rel > 1e-6):
             print(f"WARNING: {name}: {missing} parameters got no gradient, max relative gradient difference "
                   f"to ghost_op=torch {rel}: its throughput is not comparable", file=sys.stderr)
+    return checks
+
+
+def time_trainers(trainers: list[tuple[str, Trainer]], args: argparse.Namespace, device: torch.device) -> int:
+    """Warm-up blocks, then timed blocks round robin (a change in machine load hits all alike); on CUDA each
+    model's peak memory alone. Returns the number of timed blocks."""
     blocks = max(1, args.steps // args.steps_per_timing)
     for name, tr in trainers:
         for _ in range(-(-args.warmup // args.steps_per_timing)):  # whole blocks; a compiled model compiles here
             tr.step(timed=False)
-    # timed blocks interleaved across models (round robin), so a change in machine load hits all alike
     for _ in range(blocks):
         for name, tr in trainers:
             tr.step(timed=True)
     if device.type == "cuda":
-        for name, tr in trainers:  # peak memory of each model alone
+        for name, tr in trainers:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             tr.step(timed=False)
             tr.peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return blocks
+
+
+def markdown(report: dict, args: argparse.Namespace, blocks: int) -> str:
+    cuda = report["machine"]["device"].startswith("cuda")
+    m = report["machine"]
+    lines = [f"# Training throughput ({m['device'].split(':')[0]})", "",
+             f"{report['date']}, {m['device_name']}, {report['threads']} threads, load (1 min) "
+             f"{m.get('load_1min_before')} before, {m.get('load_1min_after')} after, torch {torch.__version__}, "
+             f"{args.img_size[0]} px (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} "
+             f"warm-up + {blocks} timed blocks of {args.steps_per_timing} steps (one device sync per block), "
+             f"amp {'on' if args.amp else 'off'}{', channels_last' if args.channels_last else ''}.",
+             f"Command: `{report['command']}`" + (f"  \nNote: {args.note}" if args.note else ""), "",
+             "Timed steps run round robin across the models.", "",
+             "| model | params | img/s (all steps) | img/s (median step) | ms/step median | ms/step min "
+             "| grads vs ghost_op=torch |" + (" peak MiB | MiB per image |" if cuda else ""),
+             "|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if cuda else "")]
+    for r in report["results"]:
+        rel = r["max_rel_grad_diff_vs_torch"]
+        check = (f"{r['params_without_grad']} params without grad!" if r["params_without_grad"]
+                 else "-" if rel is None else f"max rel diff {rel:.1e}")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['img_per_s']:.1f} | {r['img_per_s_median']:.1f} "
+                     f"| {r['ms_per_step_median']:.1f} | {r['ms_per_step_min']:.1f} | {check} |"
+                     + (f" {r['peak_mem_mib']:.0f} | {r['peak_mem_mib_per_img']:.1f} |" if "peak_mem_mib" in r else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+    out_dir = Path(args.out_dir or os.environ.get("OUT") or REPO / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    trainers = []
+    for name, make, opts in candidates(args, device):
+        torch.manual_seed(0)
+        trainers.append((name, Trainer(make(), args, device, **opts)))
+    checks = gradient_checks(trainers)
+    load_before = load_average()
+    blocks = time_trainers(trainers, args, device)
     results = []
     for name, tr in trainers:
         r = {"model": name, **tr.summary(args.batch_size), **checks[name]}
@@ -231,17 +274,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:28s} {r['img_per_s']:9.1f} img/s  (median step {r['ms_per_step_median']:.1f} ms "
               f"= {r['img_per_s_median']:.1f} img/s)", flush=True)
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    try:
+        import timm
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
     report = {
         "benchmark": "train step (forward + backward + AdamW), synthetic data on device",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": shlex.join(["python", *sys.argv]) if argv is None else f"bench_train.main({argv!r})",
-        "machine": {"device": str(device), "device_name": dev_name, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                    "platform": platform.platform()},
+        "machine": {"device": str(device), "device_name": device_name(device), "cpu": cpu_name(),
+                    "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "load_1min_before": load_before, "load_1min_after": load_average()},
         "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "timm": getattr(timm, "__version__", None), "ghost_ext_compiled": ghost_ext.has_extension()},
-        "settings": {"img_size": args.img_size[0], "more_img_sizes": args.img_size[1:], "batch_size": args.batch_size, "num_classes": args.num_classes,
+                     "timm": timm_version, "ghost_ext_compiled": ghost_ext.has_extension()},
+        "settings": {"img_size": args.img_size[0], "more_img_sizes": args.img_size[1:], "width": args.width[0],
+                     "more_widths": args.width[1:], "batch_size": args.batch_size, "num_classes": args.num_classes,
                      "steps": args.steps, "warmup": args.warmup, "amp": args.amp, "amp_dtype": args.amp_dtype,
                      "channels_last": args.channels_last, "steps_per_timing": args.steps_per_timing,
                      "compile": args.compile},
@@ -250,24 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     stem = f"bench_train_{device.type}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Training throughput ({device.type})", "",
-             f"{report['date']}, {dev_name}, {report['threads']} threads, torch {torch.__version__}, "
-             f"{args.img_size[0]} px (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} warm-up + {blocks} timed blocks of "
-             f"{args.steps_per_timing} steps (one device sync per block), "
-             f"amp {'on' if args.amp else 'off'}{', channels_last' if args.channels_last else ''}.",
-             f"Command: `{report['command']}`" + (f"  \nNote: {args.note}" if args.note else ""), "",
-             "Timed steps run round robin across the models.", "",
-             "| model | params | img/s (all steps) | img/s (median step) | ms/step median | ms/step min "
-             "| grads vs ghost_op=torch |" + (" peak MiB | MiB per image |" if device.type == "cuda" else ""),
-             "|---|---:|---:|---:|---:|---:|---|" + ("---:|---:|" if device.type == "cuda" else "")]
-    for r in results:
-        rel = r["max_rel_grad_diff_vs_torch"]
-        check = (f"{r['params_without_grad']} params without grad!" if r["params_without_grad"]
-                 else "-" if rel is None else f"max rel diff {rel:.1e}")
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['img_per_s']:.1f} | {r['img_per_s_median']:.1f} "
-                     f"| {r['ms_per_step_median']:.1f} | {r['ms_per_step_min']:.1f} | {check} |"
-                     + (f" {r['peak_mem_mib']:.0f} | {r['peak_mem_mib_per_img']:.1f} |" if "peak_mem_mib" in r else ""))
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown(report, args, blocks))
     print(f"wrote {out_dir / stem}.json and .md")
     return 0
 

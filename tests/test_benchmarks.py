@@ -51,8 +51,8 @@ def test_bench_op_times_the_compiled_reference(tmp_path):
 
 def test_bench_train_sync_row_blocks_and_sizes(tmp_path):
     import bench_train
-    argv = ["--device", "cpu", "--img-size", "32", "40", "--batch-size", "2", "--steps", "4", "--steps-per-timing", "2",
-            "--warmup", "1", "--no-timm", "--sync-row", "--out-dir", str(tmp_path)]
+    argv = ["--device", "cpu", "--img-size", "32", "40", "--width", "1", "0.5", "--batch-size", "2", "--steps", "4",
+            "--steps-per-timing", "2", "--warmup", "1", "--no-timm", "--sync-row", "--out-dir", str(tmp_path)]
     assert bench_train.main(argv) == 0
     report = json.loads((tmp_path / "bench_train_cpu.json").read_text())
     names = [r["model"] for r in report["results"]]
@@ -62,7 +62,14 @@ def test_bench_train_sync_row_blocks_and_sizes(tmp_path):
     assert report["settings"]["steps_per_timing"] == 2 and report["settings"]["more_img_sizes"] == [40]
     # the row at another input size is timed, but its gradients (other images) are not compared
     other = [r for r in report["results"] if r["model"].endswith("at 40 px")]
-    assert len(other) == 1 and other[0]["max_rel_grad_diff_vs_torch"] is None
+    assert len(other) == 2 and all(r["max_rel_grad_diff_vs_torch"] is None for r in other)
+    # each further width at each size, with its own (smaller) network: no gradient comparison either
+    narrow = {r["model"].split(" width ")[1]: r for r in report["results"] if " width 0.5 " in r["model"]}
+    assert set(narrow) == {"0.5 at 32 px", "0.5 at 40 px"}
+    assert all(r["max_rel_grad_diff_vs_torch"] is None and r["params"] < report["results"][0]["params"]
+               for r in narrow.values())
+    assert report["settings"]["more_widths"] == [0.5]
+    assert "load (1 min)" in (tmp_path / "bench_train_cpu.md").read_text()
     assert all(r["img_per_s"] > 0 and r["params_without_grad"] == 0 for r in report["results"])
     assert "2 timed blocks of 2 steps" in (tmp_path / "bench_train_cpu.md").read_text()
 
@@ -99,3 +106,47 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:]
     assert "skipped (no CUDA device)" in r.stdout and "learned" in r.stdout
+
+
+@pytest.mark.parametrize("ghost_op", ["torch", pytest.param("ext", marks=needs_ext)])
+def test_bench_infer_module_calls_row_is_the_same_network(ghost_op):
+    """The row that justifies forward_fused must time the same folded weights through module calls: same outputs,
+    and really not the functional path (every fused flag off)."""
+    import torch
+    import bench_infer
+    import model as M
+    torch.manual_seed(0)
+    net = M.build_model("ghostnet", 10, ghost_op=ghost_op).eval()
+    folded = M.fuse_for_inference(net)
+    variant = bench_infer.module_calls(folded)
+    assert folded.fused and not variant.fused
+    assert not any(getattr(m, "fused", False) for m in variant.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(variant(x), folded(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(variant(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_infer_records_machine_load(tmp_path):
+    import bench_infer
+    out = tmp_path / "infer"
+    assert bench_infer.main(["--threads", "1", "--runs", "1", "--batch", "2", "--batch-runs", "1", "--warmup", "1",
+                             "--img-size", "32", "--only", "ghostnet [torch]", "--out", str(out)]) == 0
+    res = json.loads(Path(str(out) + ".json").read_text())
+    assert "load_1min_before" in res["machine"] and "load_1min_after" in res["machine"]
+    assert [r["model"] for r in res["rows"]] == ["ghostnet [torch]", "ghostnet [torch], module calls"]
+    assert "load (1 min)" in Path(str(out) + ".md").read_text()
+
+
+def test_bench_data_splits_the_gain_into_cache_and_batched_augmentation(tmp_path):
+    import bench_data
+    argv = ["--data", str(tmp_path / "none"), "--full-size", "16", "--min-images", "16", "--min-seconds", "0",
+            "--max-seconds", "2", "--batch-size", "8", "--img-size", "64", "--workers", "1", "--threads", "1",
+            "--out", str(tmp_path)]
+    assert bench_data.main(argv) == 0
+    (r,) = json.loads((tmp_path / "bench_data.json").read_text())["results"]
+    for way in ("plain", "cache_per_sample", "ours"):
+        assert r[way]["img_per_s"] > 0 and r[way]["batch_shape"] == [8, 3, 64, 64]
+    # the two gains multiply to the total (up to the rounding of each to 2 decimals)
+    assert abs(r["speedup_cache"] * r["speedup_batched_aug"] - r["speedup"]) < 0.05 * r["speedup"] + 0.02
+    assert "batched-aug gain" in (tmp_path / "bench_data.md").read_text()

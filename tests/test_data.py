@@ -214,7 +214,7 @@ def test_bbox_crop_uses_the_box_of_its_own_image(devkit, tmp_path):
     root, rows = devkit
     spec = data.find_dataset(root)
     # plant a box that fits only image A: a green rectangle there; B (listed next to A) has other sizes
-    a, b = spec.train[0], spec.train[1]
+    a = spec.train[0]
     with Image.open(a.path) as im:
         w, h = im.size
     box = (w - 20, h - 14, w - 4, h - 2)

@@ -4,7 +4,6 @@ and memory) is benchmarks/fuzz_images.py; these are its short versions."""
 import sys
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

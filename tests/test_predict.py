@@ -120,7 +120,7 @@ def test_folder_and_topk_larger_than_classes(ckpt, tmp_path, capsys):
 
 def test_newest_checkpoint_used(tmp_path, good, capsys, monkeypatch):
     old = make_checkpoint(tmp_path / "runs" / "old" / "best.pt", seed=1)
-    new = make_checkpoint(tmp_path / "runs" / "new" / "best.pt", seed=2)
+    make_checkpoint(tmp_path / "runs" / "new" / "best.pt", seed=2)
     os.utime(old, (1e9, 1e9))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(predict, "REPO", tmp_path)
