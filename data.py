@@ -1,6 +1,6 @@
 """Data: dataset layouts -> records, per-image preprocessing, the decode-once cache, the loader, statistics.
 
-    records (path, label, bbox)  --decode_cached-->  uint8 (N,C,S,S) memmap  --BatchLoader-->  uint8 batch on device
+    records (path, label, bbox)  --decode_cached-->  uint8 (N,C,H,W) memmap  --BatchLoader-->  uint8 batch on device
         --augment.BatchTransform-->  float32 normalized batch (augmented in one batched pass when training)
 
 Why this shape: decoding a JPEG costs far more than training a small net on it, so every image is decoded,
@@ -389,9 +389,38 @@ def make_splits(spec: DatasetSpec, val_split: float = 0.0, seed: int = 0) -> dic
 # ----------------------------------------------------------------------------------------------------------
 # Per-image preprocessing (shared by the cache and predict.py)
 
+def parse_img_size(text: str) -> int | tuple[int, int]:
+    """argparse type of --img-size: "227" -> 227 (a 227 x 227 square); "128x96" -> (96, 128), i.e. WIDTHxHEIGHT
+    as photos are described, kept as (height, width) in torch's order. A square given as "96x96" is 96."""
+    parts = str(text).lower().replace(" ", "").split("x")
+    try:
+        sizes = [int(v) for v in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image size: give S (S x S pixels) or WIDTHxHEIGHT, "
+                                         f"e.g. 227 or 128x96")
+    return sizes[0] if len(sizes) == 1 or sizes[0] == sizes[1] else (sizes[1], sizes[0])
+
+
+def size_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """An img_size (S, or (height, width) as Preprocess and config.json keep it) -> (height, width)."""
+    if isinstance(img_size, (list, tuple)):
+        return int(img_size[0]), int(img_size[1])
+    return int(img_size), int(img_size)
+
+
+def size_text(img_size: int | Sequence[int]) -> str:
+    """WIDTHxHEIGHT, the way --img-size takes it and photos are described: 227x227, 128x96."""
+    h, w = size_hw(img_size)
+    return f"{w}x{h}"
+
+
 @dataclass
 class Preprocess:
-    img_size: int = 227
+    # S (square, S x S) or (height, width); a square is always kept as the int, so configs and cache names
+    # of square runs read as they always did
+    img_size: int | tuple[int, int] = 227
     grayscale: bool = False
     crop_bbox: bool = False
     bbox_margin: float = 0.0  # fraction of the box's width/height added on each side
@@ -409,8 +438,17 @@ class Preprocess:
                             f"{'grayscale' if self.grayscale else 'RGB'} images, got {len(self.mean)}/{len(self.std)}")
         if any(s <= 0 for s in self.std):
             raise DataError(f"--std values must be positive, got {list(self.std)}")
-        if self.img_size < MIN_SIDE:
-            raise DataError(f"image size {self.img_size} is too small; use at least {MIN_SIDE}")
+        if isinstance(self.img_size, (list, tuple)) and len(self.img_size) != 2:
+            raise DataError(f"image size {list(self.img_size)} is neither S nor (height, width)")
+        h, w = size_hw(self.img_size)
+        self.img_size = h if h == w else (h, w)
+        if min(h, w) < MIN_SIDE:
+            raise DataError(f"image size {size_text(self.img_size)} is too small; use at least {MIN_SIDE}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of every image this preprocessing makes."""
+        return size_hw(self.img_size)
 
     @property
     def channels(self) -> int:
@@ -419,6 +457,8 @@ class Preprocess:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if isinstance(self.img_size, tuple):
+            d["img_size"] = list(self.img_size)  # JSON's form, so a dict read back from a file compares equal
         return d
 
     @classmethod
@@ -444,7 +484,7 @@ class Preprocess:
 
     def cache_key(self) -> dict:
         """Only what changes the cached pixels (normalization happens later, per batch)."""
-        return {"img_size": self.img_size, "grayscale": self.grayscale, "crop_bbox": self.crop_bbox,
+        return {"img_size": self.to_dict()["img_size"], "grayscale": self.grayscale, "crop_bbox": self.crop_bbox,
                 "bbox_margin": self.bbox_margin if (self.crop_bbox or self.erase_background) else 0.0,
                 "erase_background": self.erase_background}
 
@@ -496,9 +536,9 @@ def _quiet_pillow() -> None:
 
 
 def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> tuple[np.ndarray, str]:
-    """-> (uint8 array (S, S) or (S, S, 3), note); note is "" or why the box was ignored. Raises ImageError."""
+    """-> (uint8 array (H, W) or (H, W, 3), note); note is "" or why the box was ignored. Raises ImageError."""
     _quiet_pillow()
-    S, note = prep.img_size, ""
+    (H, W), note = prep.hw, ""
     use_box = bbox is not None and (prep.crop_bbox or prep.erase_background)
     try:
         src = Image.open(path)  # reads the header only; DecompressionBombError beyond 2x MAX_IMAGE_PIXELS
@@ -515,7 +555,7 @@ def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> t
             # JPEG DCT scaling: decode big photos at 1/2, 1/4, 1/8 size while still >= the needed resolution
             if src.format == "JPEG":
                 bw, bh = (box[2] - box[0], box[3] - box[1]) if (box and prep.crop_bbox) else (w0, h0)
-                src.draft(None, (max(1, math.ceil(S * w0 / bw)), max(1, math.ceil(S * h0 / bh))))
+                src.draft(None, (max(1, math.ceil(W * w0 / bw)), max(1, math.ceil(H * h0 / bh))))
             src.load()
             sx, sy = src.size[0] / w0, src.size[1] / h0
             img = src
@@ -531,8 +571,8 @@ def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> t
                     canvas = Image.new(img.mode, img.size, 0)
                     canvas.paste(img.crop(box_s), box_s[:2])
                     img = canvas
-            # squash to S x S (aspect not kept), as the reference did with transforms.Resize((227, 227)) on PIL
-            img = img.resize((S, S), Image.BILINEAR)
+            # squash to W x H (aspect not kept), as the reference did with transforms.Resize((227, 227)) on PIL
+            img = img.resize((W, H), Image.BILINEAR)
             out = np.asarray(img, dtype=np.uint8).copy()
     except ImageError:
         raise
@@ -549,7 +589,7 @@ def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> t
 
 
 def load_image(path: str | os.PathLike, prep: Preprocess, bbox: Sequence[float] | None = None) -> torch.Tensor:
-    """Decode one image exactly as training saw it: uint8 (C, img_size, img_size). Raises ImageError."""
+    """Decode one image exactly as training saw it: uint8 (C, height, width). Raises ImageError."""
     a, _ = _load(str(path), prep, bbox)
     t = torch.from_numpy(a)
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
@@ -598,7 +638,8 @@ def _cache_name(records: Sequence[Record], prep: Preprocess, desc: str) -> tuple
     lineage = {"prep": prep.cache_key(), "paths": [f[0] for f in files]}
     lineage_digest = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:20]
     tag = "".join(c if c.isalnum() else "-" for c in desc)[:24] or "images"
-    return f"{tag}-{len(records)}-{prep.img_size}{'g' if prep.grayscale else ''}-{digest}", lineage_digest
+    size = prep.img_size if isinstance(prep.img_size, int) else size_text(prep.img_size)
+    return f"{tag}-{len(records)}-{size}{'g' if prep.grayscale else ''}-{digest}", lineage_digest
 
 
 def _pid_alive(pid: int) -> bool:
@@ -723,16 +764,16 @@ def decode_cached(records: Sequence[Record], prep: Preprocess, cache_dir: str | 
 
 def _build_cache(records: list[Record], prep: Preprocess, cache_dir: Path, name: str, lineage: str,
                  workers: int | None, desc: str) -> None:
-    n, S, C = len(records), prep.img_size, prep.channels
+    n, (H, W), C = len(records), prep.hw, prep.channels
     tmp_tag = f".tmp{os.getpid()}-{os.urandom(3).hex()}"
     tmp_arr = cache_dir / f"{name}.npy{tmp_tag}"
     arr_p, meta_p = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     meta_p.unlink(missing_ok=True)  # a stale marker must never vouch for a new array
     try:
-        out = np.lib.format.open_memmap(tmp_arr, mode="w+", dtype=np.uint8, shape=(n, C, S, S))
+        out = np.lib.format.open_memmap(tmp_arr, mode="w+", dtype=np.uint8, shape=(n, C, H, W))
     except OSError as e:
         raise DataError(f"cannot write cache {tmp_arr} ({e.strerror}); pass --cache-dir to a folder with "
-                        f"{n * C * S * S / 1e9:.1f} GB free")
+                        f"{n * C * H * W / 1e9:.1f} GB free")
     ok = np.zeros(n, dtype=bool)
     errors: dict[int, str] = {}
     notes: list[int] = []  # list.append is atomic across threads; `+=` on an int is not
@@ -760,7 +801,7 @@ def _build_cache(records: list[Record], prep: Preprocess, cache_dir: Path, name:
         kept = np.flatnonzero(ok)
         if len(kept) < n:  # leave the bad ones out: compact into a second temp file
             tmp2 = cache_dir / f"{name}.npy{tmp_tag}-c"
-            out2 = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(kept), C, S, S))
+            out2 = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(kept), C, H, W))
             for s in range(0, len(kept), 256):
                 out2[s:s + 256] = out[kept[s:s + 256]]
             out2.flush()
@@ -771,7 +812,7 @@ def _build_cache(records: list[Record], prep: Preprocess, cache_dir: Path, name:
             out.flush()
             del out
         os.replace(tmp_arr, arr_p)
-        meta = {"complete": True, "n_records": n, "shape": [int(len(kept)), C, S, S], "kept": kept.tolist(),
+        meta = {"complete": True, "n_records": n, "shape": [int(len(kept)), C, H, W], "kept": kept.tolist(),
                 "skipped": [[records[i].path, errors[i]] for i in sorted(errors)], "preprocess": prep.cache_key(),
                 "boxes_outside": len(notes), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "lineage": lineage,
                 "root": os.path.commonpath([os.path.abspath(r.path) for r in records])}
@@ -885,7 +926,7 @@ def preprocess_from_args(args: argparse.Namespace) -> Preprocess:
     gray = bool(args.grayscale)
     mean = args.mean or (GRAY_MEAN if gray else RGB_MEAN)
     std = args.std or (GRAY_STD if gray else RGB_STD)
-    return Preprocess(img_size=int(getattr(args, "img_size", 227) or 227), grayscale=gray,
+    return Preprocess(img_size=getattr(args, "img_size", 227) or 227, grayscale=gray,
                       crop_bbox=bool(args.crop_bbox), bbox_margin=float(args.bbox_margin),
                       erase_background=bool(args.erase_background), normalize=not args.no_normalize,
                       mean=tuple(mean), std=tuple(std))
@@ -1002,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stats", help="mean/std of the train split (for --mean/--std)")
     st.add_argument("--data", required=True)
-    st.add_argument("--img-size", type=int, default=227)
+    st.add_argument("--img-size", type=parse_img_size, default=227, help="S or WIDTHxHEIGHT")
     st.add_argument("--grayscale", action="store_true")
     st.add_argument("--crop-bbox", action="store_true")
     st.add_argument("--bbox-margin", type=float, default=0.0)
@@ -1047,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         train = make_splits(spec, args.val_split, args.seed)["train"]
         dec = decode_cached(train, prep, args.cache_dir, desc="train")
         mean, std = compute_stats(dec)
-        print(f"{len(dec)} train images of {spec.root} at {args.img_size}x{args.img_size}"
+        print(f"{len(dec)} train images of {spec.root} at {size_text(args.img_size)}"
               f"{' grayscale' if args.grayscale else ''}")
         print("mean: " + " ".join(f"{v:.4f}" for v in mean))
         print("std:  " + " ".join(f"{v:.4f}" for v in std))

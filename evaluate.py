@@ -32,7 +32,7 @@ DEFAULT_CLASSES = 196  # Stanford Cars; only used when an architecture is measur
 # ----------------------------------------------------------------------------------------------
 # efficiency
 
-def static_figures(net: torch.nn.Module, img_size: int, in_channels: int) -> dict[str, Any]:
+def static_figures(net: torch.nn.Module, img_size: int | tuple[int, int], in_channels: int) -> dict[str, Any]:
     """Parameters (as trained), weight size of the BN-folded model and multiply-adds."""
     fused = M.fuse_for_inference(net)
     # size of what inference ships: the folded model's tensors (BN gone, its scale folded in the conv)
@@ -41,20 +41,22 @@ def static_figures(net: torch.nn.Module, img_size: int, in_channels: int) -> dic
         "params": M.count_params(net),
         "size_mb_fp32": n_fused * 4 / 2**20,
         "size_mb_fp16": n_fused * 2 / 2**20,
-        "macs": M.count_macs(net, img_size, in_channels),
+        "macs": M.count_macs(net, data.size_hw(img_size), in_channels),
         "img_size": img_size,
         "in_channels": in_channels,
     }
 
 
-def speed_figures(fused: dict[str, torch.nn.Module], img_size: dict[str, int], in_channels: dict[str, int],
+def speed_figures(fused: dict[str, torch.nn.Module], img_size: dict[str, int | tuple[int, int]],
+                  in_channels: dict[str, int],
                   device: torch.device, runs: int = 30, batch: int = 32, batch_runs: int | None = None,
                   desc: str = "") -> dict[str, dict[str, float]]:
     """Latency at batch 1 (median of `runs`) and throughput at `batch` for already-fused models on `device`."""
     batch_runs = batch_runs or max(5, runs // 3)
     mods = {n: m.to(device).eval() for n, m in fused.items()}
-    x1 = {n: torch.randn(1, in_channels[n], img_size[n], img_size[n], device=device) for n in mods}
-    xb = {n: torch.randn(batch, in_channels[n], img_size[n], img_size[n], device=device) for n in mods}
+    hw = {n: data.size_hw(img_size[n]) for n in mods}
+    x1 = {n: torch.randn(1, in_channels[n], *hw[n], device=device) for n in mods}
+    xb = {n: torch.randn(batch, in_channels[n], *hw[n], device=device) for n in mods}
     t1 = time_models(mods, x1, runs, desc=f"{desc} batch 1".strip())
     tb = time_models(mods, xb, batch_runs, warmup=2, desc=f"{desc} batch {batch}".strip())
     out = {}
@@ -65,7 +67,7 @@ def speed_figures(fused: dict[str, torch.nn.Module], img_size: dict[str, int], i
     return out
 
 
-def efficiency(net: torch.nn.Module, img_size: int, in_channels: int = 3, runs: int = 30,
+def efficiency(net: torch.nn.Module, img_size: int | tuple[int, int], in_channels: int = 3, runs: int = 30,
                cuda: bool = True) -> dict[str, Any]:
     """Everything of point 2 for one model: static figures, CPU (and CUDA when present) speed."""
     fig = static_figures(net, img_size, in_channels)
@@ -85,7 +87,7 @@ def _threads(n: int) -> str:
 
 
 def format_efficiency(name: str, fig: dict[str, Any]) -> str:
-    lines = [f"efficiency of {name} at {fig['img_size']}x{fig['img_size']}x{fig['in_channels']} (BN folded):",
+    lines = [f"efficiency of {name} at {data.size_text(fig['img_size'])}x{fig['in_channels']} (BN folded):",
              f"  parameters        {fig['params']:,} ({fig['params'] / 1e6:.2f} M)",
              f"  weights           {fig['size_mb_fp32']:.2f} MB float32, {fig['size_mb_fp16']:.2f} MB float16",
              f"  multiply-adds     {fig['macs'] / 1e6:.1f} M"]
@@ -214,7 +216,7 @@ def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: 
 def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "test", tta: bool = False,
                         batch_size: int = 64, device: str = "auto", cache_dir: str | None = None,
                         workers: int | None = None, out_dir: Path | None = None,
-                        ghost_op: str = "auto", img_size: int | None = None) -> dict[str, Any]:
+                        ghost_op: str = "auto", img_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
     """Accuracy of a checkpoint on a split. img_size: decode the images at this size instead of the
     training size (a larger test size often pays after training with scale augmentation: the objects
     then appear at the size they had in training; Touvron et al., "Fixing the train-test resolution
@@ -228,7 +230,7 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
     prep = data.Preprocess.from_dict(ckpt["preprocess"])
     train_size = prep.img_size
     if img_size is not None:
-        prep = dataclasses.replace(prep, img_size=img_size)
+        prep = dataclasses.replace(prep, img_size=img_size)  # (a 4:3 model is tested at 4:3 sizes)
     spec = data.find_dataset(data_dir)
     if list(spec.class_names) != class_names:
         raise data.DataError(f"{spec.root}: its {len(spec.class_names)} class names differ from the checkpoint's "
@@ -259,14 +261,23 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
     written = write_outputs(out_dir, res, files, labels, class_names, split)
     summary = {k: v for k, v in res.items() if k not in ("confusion", "pred", "rank", "true_p", "pred_p")}
     summary.update(checkpoint=str(ckpt_path), arch=ckpt["arch"], data=str(spec.root), split=split, tta=tta,
-                   img_size=prep.img_size, train_img_size=train_size,
+                   img_size=_json_size(prep.img_size), train_img_size=_json_size(train_size),
                    val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
                    files=[str(p) for p in written], epoch=ckpt.get("epoch"))
     return {"summary": summary, "net": net, "prep": prep, "ckpt": ckpt}
 
 
+def _json_size(img_size: int | tuple[int, int]) -> int | list[int]:
+    return img_size if isinstance(img_size, int) else list(img_size)
+
+
+def _size_words(img_size: int | list[int] | tuple[int, int]) -> str:
+    """227 -> "227 px"; (96, 128) -> "128x96" (width x height)."""
+    return f"{img_size} px" if isinstance(img_size, int) else data.size_text(img_size)
+
+
 def format_metrics(s: dict[str, Any]) -> str:
-    size = (f" at {s['img_size']} px (trained at {s['train_img_size']})"
+    size = (f" at {_size_words(s['img_size'])} (trained at {_size_words(s['train_img_size'])})"
             if s.get("img_size") != s.get("train_img_size") else "")
     lines = [f"{s['checkpoint']} ({s['arch']}, epoch {s.get('epoch')}) on {s['split']} of {s['data']}"
              f"{' with flip TTA' if s['tta'] else ''}{size}: {s['images']} images"
@@ -323,7 +334,8 @@ def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CL
             prep = ckpt["preprocess"]
             acc, src = _run_accuracy(p.parent, ckpt)
             row = {"name": str(p.parent.name if p.name == "best.pt" else p), "arch": ckpt["arch"],
-                   "img": int(prep["img_size"]), "ch": 1 if prep.get("grayscale") else 3, "acc": acc, "acc_from": src}
+                   "img": data.Preprocess.from_dict(prep).img_size, "ch": 1 if prep.get("grayscale") else 3,
+                   "acc": acc, "acc_from": src}
         key = f"{len(rows)}:{row['name']}"
         row.update(static_figures(net, row["img"], row["ch"]))
         row["key"] = key
@@ -340,7 +352,8 @@ def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CL
     for r in rows:
         s = speed[r["key"]]
         acc = f"{r['acc']:.2%} ({r['acc_from']})" if r["acc"] is not None else "-"
-        out.append(f"| {r['name']} | {r['arch']} | {r['img']} | {r['params'] / 1e6:.2f} | {r['size_mb_fp32']:.2f} | "
+        out.append(f"| {r['name']} | {r['arch']} | {_size_words(r['img'])} | {r['params'] / 1e6:.2f} | "
+                   f"{r['size_mb_fp32']:.2f} | "
                    f"{r['size_mb_fp16']:.2f} | {r['macs'] / 1e6:.0f} | {s['latency_ms']:.2f} | "
                    f"{s['throughput']:.1f} | {acc} |")
     return "\n".join(out) + "\n"
@@ -364,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", help="decode cache folder (default: the checkpoint's)")
     ap.add_argument("--workers", type=int, help="decode processes")
     ap.add_argument("--arch", help=f"efficiency of an architecture without a checkpoint: {', '.join(M.ARCHS)}")
-    ap.add_argument("--img-size", type=int, default=None,
+    ap.add_argument("--img-size", type=data.parse_img_size, default=None,
                     help="with --checkpoint: test at this size (default: the training size); "
                          "for --arch/--compare: the input size (default 227)")
     ap.add_argument("--num-classes", type=int, default=DEFAULT_CLASSES, help="classifier size for --arch/--compare")

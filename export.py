@@ -89,6 +89,7 @@ def metadata(ckpt: dict[str, Any], source: str, fp16: bool) -> dict[str, str]:
     # an app that preprocesses by hand reads the values training really used.
     p = {**ckpt["preprocess"], **data.Preprocess.from_dict(ckpt["preprocess"]).to_dict()}
     chans = 1 if p["grayscale"] else 3
+    height, width = data.size_hw(p["img_size"])
     return {
         "format": M.CHECKPOINT_FORMAT,
         "arch": str(ckpt["arch"]),
@@ -96,7 +97,7 @@ def metadata(ckpt: dict[str, Any], source: str, fp16: bool) -> dict[str, str]:
         "class_names": json.dumps(list(ckpt["class_names"])),
         "preprocess": json.dumps(p),
         "precision": "float16" if fp16 else "float32",
-        "input": f"images: float32 (N, {chans}, {p['img_size']}, {p['img_size']}); RGB (or gray) in [0, 1], "
+        "input": f"images: float32 (N, {chans}, {height}, {width}); RGB (or gray) in [0, 1], "
                  "squash-resized, then (x - mean) / std per channel when preprocess.normalize",
         "output": "logits: float32 (N, num_classes); softmax for probabilities, index into class_names",
         "source": Path(source).name,
@@ -240,7 +241,7 @@ def find_images(paths: list[str], limit: int) -> list[Path]:
 
 
 def verify_inputs(prep_dict: dict[str, Any], images: list[str], count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """Normalized float32 (count, C, S, S) through the same preprocessing predict.py uses."""
+    """Normalized float32 (count, C, H, W) through the same preprocessing predict.py uses."""
     prep = data.Preprocess.from_dict(prep_dict)
     files = find_images(images, count) if images else []
     if files:
@@ -249,7 +250,7 @@ def verify_inputs(prep_dict: dict[str, Any], images: list[str], count: int, seed
     else:                                   # synthetic: smooth colour blobs, not white noise, so the
         g = torch.Generator().manual_seed(seed)  # activations look roughly like a photo's
         low = torch.randint(0, 256, (count, prep.channels, 8, 8), generator=g).float()
-        u8 = nn.functional.interpolate(low, size=(prep.img_size, prep.img_size), mode="bilinear",
+        u8 = nn.functional.interpolate(low, size=prep.hw, mode="bilinear",
                                        align_corners=False).round().clamp(0, 255).to(torch.uint8)
         what = f"{count} synthetic images"
     x = prep.to_model_input(u8)
@@ -311,7 +312,7 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     info.update(path=str(out), size_mb=out.stat().st_size / 2**20, export_s=time.perf_counter() - t0)
     log(f"wrote {out} ({info['size_mb']:.2f} MB, {fmt}{', opset ' + str(info['opset']) if fmt == 'onnx' else ''}, "
         f"{meta['precision']}, batch {batch}, {info['export_s']:.1f} s) "
-        f"arch={meta['arch']} classes={meta['num_classes']} img_size={ckpt['preprocess']['img_size']}")
+        f"arch={meta['arch']} classes={meta['num_classes']} img_size={data.size_text(ckpt['preprocess']['img_size'])}")
     log(f"  operators: {' '.join(info['op_types'])}")
     if fmt == "pt2":
         log(f"  metadata: inside the archive ({METADATA_FILE}) and {info['sidecar']}")

@@ -500,8 +500,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, img_size: int, in_channels: int = 3) -> int:
-    """Multiply-accumulates of one forward pass at batch 1, img_size x img_size, in eval mode, on a copy.
+def count_macs(model: nn.Module, img_size: int | tuple[int, int], in_channels: int = 3) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 on an img_size input (S: S x S; or (height, width)),
+    in eval mode, on a copy.
 
     Counted by torch.utils.flop_counter.FlopCounterMode, which counts FLOPs = 2 x multiply-adds of
     convolutions and matrix products (elementwise ops, pooling and BN are not counted); this returns
@@ -513,7 +514,8 @@ def count_macs(model: nn.Module, img_size: int, in_channels: int = 3) -> int:
     # on the meta device: shapes only, so counting costs no arithmetic and no memory
     m = copy.deepcopy(model).eval().to("meta")
     set_ghost_op(m, "torch")
-    x = torch.zeros(1, in_channels, img_size, img_size, device="meta", dtype=next(m.parameters()).dtype)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    x = torch.zeros(1, in_channels, h, w, device="meta", dtype=next(m.parameters()).dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         m(x)
     return counter.get_total_flops() // 2

@@ -171,7 +171,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="GhostModule implementation: fused C++/CUDA op (ext), plain PyTorch (torch), or auto")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--img-size", type=int, default=227, help="square input size in pixels")
+    g.add_argument("--img-size", type=data.parse_img_size, default=227,
+                   help="input size: S (S x S pixels) or WIDTHxHEIGHT, e.g. 128x96 to keep 4:3 photos' shape")
     g.add_argument("--batch-size", type=int, default=64,
                    help="images per optimizer step; under torchrun PER RANK (global batch = this x world size)")
     g.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping may end sooner)")
@@ -322,7 +323,7 @@ def check_options(args: argparse.Namespace) -> None:
     """Fail fast, before any data is decoded, on options that can't work."""
     if args.arch not in ARCHS:
         raise TrainError(f"unknown arch {args.arch!r}; choose one of: {', '.join(ARCHS)}")
-    for k in ("img_size", "batch_size", "epochs"):
+    for k in ("batch_size", "epochs"):
         if getattr(args, k) < 1:
             raise TrainError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(args, k)})")
     if not 0 <= args.label_smoothing < 1:
@@ -893,7 +894,7 @@ def open_run_folder(args: argparse.Namespace, env: Setup, d: Data, learner: Lear
     if env.is_main:
         atomic_write_text(json.dumps(run_info, indent=2) + "\n", run_dir / "config.json")
     print(f"run: {run_dir}  arch {args.arch} ({n_params / 1e6:.2f} M params)  device {env.device} "
-          f"({dev['name']})  amp {amp if env.amp_dtype else 'off'}  img {args.img_size}  batch {args.batch_size}"
+          f"({dev['name']})  amp {amp if env.amp_dtype else 'off'}  img {data.size_text(args.img_size)}  batch {args.batch_size}"
           + (f" per rank x {env.world} ranks ({env.backend}) = {args.batch_size * env.world}" if env.ddp else ""))
     return run_dir, rows, config
 

@@ -32,16 +32,23 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import data  # noqa: E402
 import ghost_ext  # noqa: E402
 from common import cpu_name, device_name, load_average, pick_device, sync  # noqa: E402
 from model import build_model, count_params  # noqa: E402
+
+
+def size_words(img_size: int | tuple[int, int]) -> str:
+    """96 -> "96 px"; (96, 128) -> "128x96" (width x height, as --img-size takes it)."""
+    return f"{img_size} px" if isinstance(img_size, int) else data.size_text(img_size)
 
 
 class Trainer:
     """One model's training step on a fixed synthetic batch already on the device."""
 
     def __init__(self, model: nn.Module, args: argparse.Namespace, device: torch.device,
-                 compiled: bool = False, item_each_step: bool = False, img_size: int | None = None):
+                 compiled: bool = False, item_each_step: bool = False,
+                 img_size: int | tuple[int, int] | None = None):
         self.device = device
         self.model = model.to(device).train()
         if args.channels_last:
@@ -54,8 +61,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.6)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         g = torch.Generator(device="cpu").manual_seed(0)
-        size = img_size or args.img_size[0]
-        self.x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
+        height, width = data.size_hw(img_size or args.img_size[0])
+        self.x = torch.randn(args.batch_size, 3, height, width, generator=g).to(device)
         if args.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
@@ -111,8 +118,9 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--img-size", type=int, nargs="+", default=[227],
-                   help="input size; several: ghostnet (ghost_op=ext, else torch) again at each further size")
+    p.add_argument("--img-size", type=data.parse_img_size, nargs="+", default=[227],
+                   help="input size, S or WIDTHxHEIGHT; several: ghostnet (ghost_op=ext, else torch) again at each "
+                        "further size")
     p.add_argument("--width", type=float, nargs="+", default=[1.0],
                    help="ghostnet channel multiplier; several: ghostnet again at each further width (and size)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -174,7 +182,7 @@ def candidates(args: argparse.Namespace, device: torch.device) -> list[tuple[str
     for width in args.width:
         for size in args.img_size:
             if (width, size) != (w0, args.img_size[0]):
-                rows.append((f"ghostnet (ghost_op={op}) width {width:g} at {size} px", ghostnet(op, width),
+                rows.append((f"ghostnet (ghost_op={op}) width {width:g} at {size_words(size)}", ghostnet(op, width),
                              {"img_size": size}))
     return rows
 
@@ -226,7 +234,7 @@ def markdown(report: dict, args: argparse.Namespace, blocks: int) -> str:
     lines = [f"# Training throughput ({m['device'].split(':')[0]})", "",
              f"{report['date']}, {m['device_name']}, {report['threads']} threads, load (1 min) "
              f"{m.get('load_1min_before')} before, {m.get('load_1min_after')} after, torch {torch.__version__}, "
-             f"{args.img_size[0]} px (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} "
+             f"{size_words(args.img_size[0])} (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} "
              f"warm-up + {blocks} timed blocks of {args.steps_per_timing} steps (one device sync per block), "
              f"amp {'on' if args.amp else 'off'}{', channels_last' if args.channels_last else ''}.",
              f"Command: `{report['command']}`" + (f"  \nNote: {args.note}" if args.note else ""), "",

@@ -134,7 +134,7 @@ def decode_one(path: Path, prep: data.Preprocess) -> Outcome:
     with warnings.catch_warnings(record=True) as seen:
         try:
             img = data.load_image(path, prep)
-            ok = img.dtype == torch.uint8 and tuple(img.shape[1:]) == (prep.img_size, prep.img_size)
+            ok = img.dtype == torch.uint8 and tuple(img.shape[1:]) == prep.hw
             out = Outcome("ok" if ok else "failure", 0.0, "" if ok else f"bad output {img.dtype} {tuple(img.shape)}")
         except data.ImageError as e:
             msg = str(e)
