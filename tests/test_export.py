@@ -288,3 +288,11 @@ def test_predict_corrupt_onnx_is_one_line(damage, ghost_onnx, image_dir, tmp_pat
         err = buf.getvalue().strip()
     assert rc == 2
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+
+
+@needs_onnx
+def test_onnx_timing_session_does_not_spin():
+    # a spinning onnxruntime pool steals the cores from the PyTorch call timed after it (round robin)
+    so = export.onnx_session_options(2)
+    assert so.intra_op_num_threads == 2
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
