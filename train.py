@@ -57,7 +57,7 @@ LOG_EVERY = 5  # steps between looks at the loss (progress bar, non-finite check
 # the run's saved config so that the resumed run is the same run.
 RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "threads", "device", "compile", "cache_dir")
 # debugging aids and the smoke-run step limit apply to one invocation only
-NOT_INHERITED = ("debug_step_sleep", "debug_nan_step", "max_steps")
+NOT_INHERITED = ("max_steps",)
 # --demo's settings (any flag given explicitly still wins): small images, a short schedule, mild
 # regularisation, so the synthetic set is learned in about a minute on two CPU cores.
 # One CPU thread: 64-px batches of 16 gain little from a second one, and one thread stays fast on a CPU
@@ -220,8 +220,6 @@ def get_parser() -> argparse.ArgumentParser:
     # hidden options for tests and debugging
     p.add_argument("--limit-train", type=int, default=None, help=argparse.SUPPRESS)  # seeded subset of train
     p.add_argument("--limit-val", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug-nan-step", type=int, default=None, help=argparse.SUPPRESS)  # force a NaN loss
-    p.add_argument("--debug-step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # slow steps down
     return p
 
 
@@ -970,8 +968,6 @@ def train_epoch(args: argparse.Namespace, env: Setup, d: Data, learner: Learner,
             logits = learner.train_model(x)
             loss = learner.criterion(logits.float(), labels)
         prog.step += 1
-        if args.debug_nan_step is not None and prog.step >= args.debug_nan_step:
-            loss = loss * float("nan")
         first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
         bad_step = torch.where(first_bad, i, bad_step)
         bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
@@ -989,8 +985,6 @@ def train_epoch(args: argparse.Namespace, env: Setup, d: Data, learner: Learner,
                                     f"(global step {prog.step - (i - b)})")
             bar.set_postfix(loss=f"{loss_sum.item() / s.seen:.3f}", acc=f"{100 * s.correct.item() / s.seen:.1f}%",
                             img_s=f"{s.seen / (time.perf_counter() - t0 + prior_seconds):.0f}")
-        if args.debug_step_sleep:
-            time.sleep(args.debug_step_sleep)
         if stop_why:
             s.stop_why, s.stopped_inside = stop_why, (i if i < n_steps else 0)
             break

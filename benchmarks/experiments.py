@@ -1,4 +1,4 @@
-"""The study's ablation ladder and architecture comparison, run with train.py and evaluate.py (issue 9).
+"""The study's ablation ladder and architecture comparison, run with train.py and evaluate.py.
 
     python benchmarks/experiments.py --list                  # the experiments and their flags
     python benchmarks/experiments.py --dry-run               # the exact commands, nothing run
@@ -183,7 +183,7 @@ def plan(exp: Experiment, args: argparse.Namespace) -> Plan:
         common += ["--threads", str(args.threads)]
     if args.device:
         common += ["--device", args.device]
-    train = ["train.py", *common, *exp.flags, *shlex.split(args.train_args)]
+    train = [args.train_script, *common, *exp.flags, *shlex.split(args.train_args)]
     ev = ["evaluate.py", "--checkpoint", show_path(run_dir / exp.checkpoint), "--data", show_path(args.data),
           "--split", "test", "--json", show_path(run_dir / EVAL_JSON), "--runs", str(args.eval_runs),
           *exp.eval_flags]
@@ -279,7 +279,7 @@ def run_one(pl: Plan, args: argparse.Namespace, env: dict, tqdm_write) -> bool:
         "eval_command": display(pl.evaluate), "train_wall_s": 0.0, "train_sessions": 0, "train_rc": None,
         "eval_wall_s": None, "eval_rc": None, "host": platform.node()}
     if st in ("empty", "partial"):
-        argv = pl.train if st == "empty" else ["train.py", "--resume", show_path(pl.run_dir)]
+        argv = pl.train if st == "empty" else [pl.train[0], "--resume", show_path(pl.run_dir)]
         tqdm_write(f"{pl.exp.name}: {'continuing' if st == 'partial' else 'training'}: {display(argv)}")
         rec["started"] = rec.get("started") or datetime.datetime.now().isoformat(timespec="seconds")
         rec["train_sessions"] += 1
@@ -668,7 +668,7 @@ def estimate(plans: list[Plan], args: argparse.Namespace, env: dict) -> int:
         for a in archs:
             flags = list(best.flags)
             flags[flags.index("--arch") + 1] = a
-            argv = ["train.py", "--data", str(args.data), "--out", str(tmp), "--name", a, "--img-size",
+            argv = [args.train_script, "--data", str(args.data), "--out", str(tmp), "--name", a, "--img-size",
                     str(args.img_size), "--epochs", "2", "--seed", str(args.seed), "--val-split", str(args.val_split),
                     "--limit-train", str(args.estimate_images), "--limit-val", str(args.estimate_images // 2),
                     *(["--threads", str(args.threads)] if args.threads else []),
@@ -747,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="train/evaluate --device (default: theirs, auto)")
     ap.add_argument("--eval-runs", type=int, default=30, help="evaluate.py --runs (latency timing)")
     ap.add_argument("--train-args", default="", help="extra train.py arguments (one string), e.g. for smoke runs")
+    ap.add_argument("--train-script", default="train.py",
+                    help="run this script in train.py's place, with the same arguments (a wrapper that sets up "
+                         "a cluster's environment, or tests/train_hooks.py)")
     ap.add_argument("--eval-args", default="", help="extra evaluate.py arguments (one string)")
     return ap
 

@@ -201,7 +201,7 @@ def _pids_of_rank(marker: str, rank: int) -> list[int]:
             env = (d / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker in cmd and "train.py" in cmd and f"RANK={rank}".encode() in env:
+        if marker in cmd and ("train.py" in cmd or "train_hooks.py" in cmd) and f"RANK={rank}".encode() in env:
             found.append(int(d.name))
     return found
 
@@ -223,8 +223,8 @@ def test_elastic_restart_after_a_dead_rank_resumes_by_itself(tmp_path, tiny):
 
     out = tmp_path / "elastic"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "3", "--nproc_per_node",
-           "2", str(REPO / "train.py"), *map(str, common), "--out", str(out), "--name", "run", "--resume-if-exists",
-           "--debug-step-sleep", "0.3"]
+           "2", str(REPO / "tests" / "train_hooks.py"), "--step-sleep", "0.3", *map(str, common), "--out", str(out),
+           "--name", "run", "--resume-if-exists"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240

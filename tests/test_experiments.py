@@ -165,7 +165,8 @@ def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
     demo = argv[argv.index("--data") + 1]
     args = ["--only", "a_c1_plain", "--epochs", 2, "--img-size", 32, "--data", demo, "--out", tmp_path / "out",
             "--device", "cpu", "--threads", 1, "--batch-size", 8, "--eval-runs", 1, "--val-split", 0.25,
-            "--patience", 0, "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'} --debug-step-sleep 0.4"]
+            "--patience", 0, "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'} --step-sleep 0.4",
+            "--train-script", "tests/train_hooks.py"]
     run = tmp_path / "out" / "a_c1_plain"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -186,7 +187,7 @@ def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
     assert X.main([str(a) for a in args] + ["--skip-done"]) == 0
     rec = json.loads((run / X.RECORD).read_text())
     assert rec["train_rc"] == 0 and rec["train_sessions"] == 2 and rec["eval_rc"] == 0
-    assert f"train.py --resume {run}" in (run / "train.log").read_text()
+    assert f"tests/train_hooks.py --resume {run}" in (run / "train.log").read_text()
     assert len(X.read_metrics_csv(run / "metrics.csv")) == 2
 
 

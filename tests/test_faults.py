@@ -36,7 +36,7 @@ def test_stop_signal_saves_the_step_and_resumes_bit_identically(sig, tmp_path, t
     full = run_train(*common, "--name", "full")
     assert full.returncode == 0, full.stderr
     run_dir = tmp_path / "cut"
-    proc = subprocess.Popen(train_cmd(*common, "--name", "cut", "--debug-step-sleep", 0.3), cwd=REPO, env=ENV,
+    proc = subprocess.Popen(train_cmd(*common, "--name", "cut", step_sleep=0.3), cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run_dir / "curves.png").exists():  # the last file of epoch 1: epoch 2's steps begin

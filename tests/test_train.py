@@ -22,12 +22,17 @@ TIMING = ("seconds", "img_per_s")
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def train_cmd(*args) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), *map(str, args)]
+def train_cmd(*args, step_sleep: float = 0.0, nan_from_step: int | None = None) -> list[str]:
+    """train.py's command line; with a fault asked for, through tests/train_hooks.py (train.py has no hooks)."""
+    hooks = (["--step-sleep", step_sleep] if step_sleep else []) + \
+        (["--nan-from-step", nan_from_step] if nan_from_step is not None else [])
+    script = REPO / "tests" / "train_hooks.py" if hooks else REPO / "train.py"
+    return [sys.executable, str(script), *map(str, hooks), *map(str, args)]
 
 
-def run_train(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(*args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run_train(*args, timeout: float = 300, **hooks) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(*args, **hooks), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -49,7 +54,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str
 def kill_inside_epoch_2(common: list, run_dir: Path) -> None:
     """Start the run `common --name <run_dir.name>` slowed down, SIGKILL it inside epoch 2 (after epoch 1's
     files landed), and check that the kill did land there."""
-    proc = subprocess.Popen(train_cmd(*common, "--name", run_dir.name, "--debug-step-sleep", 0.4), cwd=REPO,
+    proc = subprocess.Popen(train_cmd(*common, "--name", run_dir.name, step_sleep=0.4), cwd=REPO,
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not ((run_dir / "metrics.csv").exists() and len(read_rows(run_dir)) >= 1):
@@ -81,7 +86,7 @@ def test_one_line_errors(tmp_path, tiny_data, cache_dir):
     assert_one_line_error(run_train("--resume", tmp_path / "no_run", *base), "last.pt")
     # a loss that turns NaN in epoch 2: exit 1, epoch and step named, epoch 1's checkpoint kept
     proc = run_train("--data", tiny_data, *base, "--batch-size", 8, "--epochs", 3, "--name", "nan",
-                     "--debug-nan-step", 6)
+                     nan_from_step=6)
     line = assert_one_line_error(proc, "nan", "epoch 2", "step 2")
     assert proc.returncode == 1, line
     ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=True)
@@ -212,7 +217,7 @@ def test_ctrl_c_keeps_last_completed_epoch(tmp_path, tiny_data, cache_dir):
     # SIGINT back to its default in the child, even when this test runs in a background job (SIG_IGN)
     proc = subprocess.Popen(train_cmd("--data", tiny_data, "--out", tmp_path, "--name", "int", "--cache-dir",
                                       cache_dir, "--img-size", 32, "--batch-size", 8, "--epochs", 4,
-                                      "--debug-step-sleep", 0.3),
+                                      step_sleep=0.3),
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
