@@ -39,6 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -138,7 +139,9 @@ RECIPE_SEEDS = 3
 FAST_EVAL: list[str] = []
 
 
-def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS) -> list[Experiment]:
+def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS, fast_args: Sequence[str] = ()) -> list[Experiment]:
+    """The study's recipe and --recipe fast, `seeds` runs each; fast_args go to the fast runs only (after the
+    common flags, so they win): e.g. another input size and the epochs that fit the same wall time."""
     ms = [str(m) for m in scaled_milestones(epochs)]
     study = ["--recipe", "study", "--scheduler", "multistep", "--milestones", *ms, "--gamma", "0.1"]
     exps = []
@@ -147,7 +150,7 @@ def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS) -> list[Experimen
                                f"the study's recipe, milestones scaled to {epochs} epochs, seed + {k}",
                                study, seed_offset=k, checkpoint="final.pt"))
         exps.append(Experiment(f"fast_s{k}", "--recipe fast", ("recipes",), "fast",
-                               f"--recipe fast, seed + {k}", ["--recipe", "fast"], seed_offset=k,
+                               f"--recipe fast, seed + {k}", ["--recipe", "fast", *fast_args], seed_offset=k,
                                checkpoint="final.pt", eval_flags=list(FAST_EVAL)))
     return exps
 
@@ -506,6 +509,7 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
     rows = [collect(p) for p in plans]
     summary = recipe_summary(rows)
     settings = {"campaign": "recipes", "epochs": args.epochs, "img_size": args.img_size, "seed": args.seed,
+                "fast_args": args.fast_args,
                 "seeds": args.seeds, "jobs": args.jobs, "milestones": scaled_milestones(args.epochs),
                 "data": show_path(args.data), "label": label(args)}
     write_json({"settings": settings, "environment": env_info, "summary": summary, "experiments": rows},
@@ -517,7 +521,8 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
          "split: the per-epoch 'val' columns of metrics.csv are cars_test, logged and never used to choose); "
          "the reported figure is evaluate.py on the final model (`final.pt`, the EMA weights for fast)",
          f"- the study's MultiStepLR milestones scaled by round(m * {args.epochs} / {REF_EPOCHS}): "
-         f"{' '.join(map(str, scaled_milestones(args.epochs)))}; fast: train.py's RECIPES['fast'], evaluated with "
+         f"{' '.join(map(str, scaled_milestones(args.epochs)))}; fast: train.py's RECIPES['fast']"
+         + (f" with `{args.fast_args}`" if args.fast_args else "") + ", evaluated with "
          f"{' '.join(FAST_EVAL) or 'no extra flags'}",
          f"- machine: {env_info['cpu']}, {env_info['cores']} cores; {args.jobs} run(s) at a time, "
          f"{env_info['threads']} torch thread(s) each (OMP_NUM_THREADS={env_info['OMP_NUM_THREADS']}); "
@@ -717,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="study: the ablation ladder and architectures; recipes: the study's recipe against "
                          "--recipe fast, --seeds seeds each, on all of cars_train, final model scored")
     ap.add_argument("--seeds", type=int, default=RECIPE_SEEDS, help="recipes campaign: seeds per recipe")
+    ap.add_argument("--fast-args", default="",
+                    help="recipes campaign: extra train.py arguments for the fast runs only (one string), e.g. "
+                         "'--img-size 128x96 --epochs 34' to spend the same wall time at another input size")
     ap.add_argument("--jobs", type=int, default=1, choices=[1, 2],
                     help="runs at a time; 2 runs the two recipes of a seed side by side, one thread each "
                          "(same machine load for both, ~1.2x the throughput of one 2-thread run on 2 cores)")
@@ -778,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1  # two runs on two cores: one OpenMP thread each, or they thrash
     if args.patience is None:
         args.patience = scale_epochs(REF_PATIENCE, args.epochs)
-    registry = experiments(args.epochs) if args.campaign == "study" else recipe_experiments(args.epochs, args.seeds)
+    registry = (experiments(args.epochs) if args.campaign == "study" else
+                recipe_experiments(args.epochs, args.seeds, shlex.split(args.fast_args)))
     names = [e.name for e in registry]
     if args.only:
         unknown = [n for n in args.only if n not in names]

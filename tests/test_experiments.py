@@ -222,6 +222,20 @@ def test_recipes_campaign_commands():
     assert all(X.FAST_EVAL == [] or (" ".join(X.FAST_EVAL) in e) == ("/fast_s" in e) for e in evals)
 
 
+def test_recipes_campaign_fast_args_reach_the_fast_runs_only():
+    # the same wall time spent at another input size: the fast runs' own flags come last, so they win
+    r = cli("--campaign", "recipes", "--dry-run", "--epochs", 40, "--seeds", 1, "--fast-args",
+            "--img-size 128x96 --epochs 34")
+    assert r.returncode == 0, r.stderr
+    train = {opts(shlex.split(ln))["--name"][0]: shlex.split(ln) for ln in r.stdout.splitlines()
+             if ln.startswith("python train.py")}
+    study, fast = train["study_s0"], train["fast_s0"]
+    assert "128x96" not in study and study[study.index("--epochs") + 1] == "40"
+    assert fast[-4:] == ["--img-size", "128x96", "--epochs", "34"]
+    args, _ = __import__("train").parse_args(fast[2:])
+    assert args.img_size == (96, 128) and args.epochs == 34
+
+
 @pytest.mark.slow
 def test_recipes_campaign_side_by_side_and_budget_curve(smoke, tmp_path):
     """Two seeds' worth of study/fast runs, two at a time, on the tiny synthetic set: the tables, the mean and
