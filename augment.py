@@ -360,13 +360,19 @@ class BatchTransform:
             p["perspective"] = perspective_coefficients(start, end)
         if "resized_crop" in a:
             c = a["resized_crop"]
-            h, w, found = _sample_box(B, H, W, c["scale"], c["ratio"], g)
+            # The aspect range is relative to the images' own shape (torchvision's is absolute; for a square
+            # the two are the same). A box of ratio 1 then has the image's proportions, and is resized to them
+            # unstretched: with absolute ratios, 4:3 images saw their cars stretched 4/3 wide on average in
+            # training but not at test, and validation loss trailed the square runs' (4.89 against 4.65 at
+            # epoch 20, README 'Recipes').
+            ratio = (c["ratio"][0] * (W / H), c["ratio"][1] * (W / H))
+            h, w, found = _sample_box(B, H, W, c["scale"], ratio, g)
             # fallback (no candidate fitted): centre crop clamped to the ratio range
             in_ratio = W / H
-            if in_ratio < min(c["ratio"]):
-                fw, fh = W, int(round(W / min(c["ratio"])))
-            elif in_ratio > max(c["ratio"]):
-                fw, fh = int(round(H * max(c["ratio"]))), H
+            if in_ratio < min(ratio):
+                fw, fh = W, int(round(W / min(ratio)))
+            elif in_ratio > max(ratio):
+                fw, fh = int(round(H * max(ratio))), H
             else:
                 fw, fh = W, H
             h, w = torch.where(found, h, fh), torch.where(found, w, fw)
@@ -489,7 +495,8 @@ def add_augment_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--perspective-scale", type=float, default=0.5, help="'perspective' distortion scale")
     g.add_argument("--perspective-p", type=float, default=0.5, help="'perspective' probability")
     g.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0], help="'resized_crop' area range")
-    g.add_argument("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], help="'resized_crop' aspect range")
+    g.add_argument("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3],
+                   help="'resized_crop' aspect range (width/height), relative to the input's shape: 1 keeps it")
     g.add_argument("--interpolation", choices=["auto", "nearest", "bilinear"], default="auto",
                    help="geometric resampling (auto: torchvision's default of each op; nearest for flip+affine)")
     g.add_argument("--erase", action="store_true", help="random erasing after normalization")

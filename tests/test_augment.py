@@ -1,5 +1,7 @@
 """augment.py: the batched ops against torchvision one image at a time, the whole BatchTransform, its CPU
 thread pool, and inference's normalisation (data.Preprocess.to_model_input)."""
+import math
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -81,6 +83,18 @@ def test_perspective_and_resized_crop_match_torchvision():
         assert 0 <= t and t + h <= H and 0 <= l and l + w <= W
         ref = TF.resized_crop(x[k], t, l, h, w, [H, W], antialias=True)
         torch.testing.assert_close(out[k], ref, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("H, W", [(30, 30), (30, 40), (40, 30)])
+def test_resized_crop_ratio_is_relative_to_the_image_shape(H, W):
+    """A 4:3 image's crops have its proportions on average (box ratio 1 x W/H), so resizing them back to the
+    image's shape stretches nothing on average, as at test time; for a square this is torchvision's rule."""
+    bt = augment.BatchTransform(data.Preprocess(), {"resized_crop": {"scale": (0.35, 1.0)}})
+    crop = bt.sample_params(4000, H, W, torch.Generator().manual_seed(0))["resized_crop"].double()
+    log_ratio = torch.log(crop[:, 3] / crop[:, 2])  # log(w / h)
+    assert abs(log_ratio.mean().item() - math.log(W / H)) < 0.03
+    assert log_ratio.min().item() >= math.log(3 / 4 * W / H) - 0.1
+    assert log_ratio.max().item() <= math.log(4 / 3 * W / H) + 0.1
 
 
 @pytest.mark.parametrize("C", [3, 1])
