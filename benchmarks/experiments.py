@@ -622,7 +622,8 @@ def search_table(folder: Path) -> int:
         print(f"error: {folder}: no run folders (metrics.csv + config.json)", file=sys.stderr)
         return 2
     opts = {d.name: (read_json(d / "config.json") or {}).get("options", {}) for d in runs}
-    ignore = {"name", "out", "resume", "command", "data", "cache_dir", "dist_timeout", "resume_if_exists"}  # no effect on a run
+    ignore = {"name", "out", "resume", "command", "data", "cache_dir", "dist_timeout", "resume_if_exists",
+              "workers"}  # no effect on a run
     base = opts[runs[0].name]
     marks = (4, 8, 12, 20)
     L = [f"# Choosing --recipe fast on the validation split ({show_path(Path(folder))})", "",
