@@ -416,6 +416,16 @@ def size_text(img_size: int | Sequence[int]) -> str:
     return f"{w}x{h}"
 
 
+def size_words(img_size: int | Sequence[int]) -> str:
+    """For tables and messages: 227 -> "227 px"; (96, 128) -> "128x96"."""
+    return f"{img_size} px" if isinstance(img_size, int) else size_text(img_size)
+
+
+def size_json(img_size: int | Sequence[int]) -> int | list[int]:
+    """JSON's form of an img_size, as config.json and checkpoints keep it: S, or [height, width]."""
+    return img_size if isinstance(img_size, int) else [int(v) for v in img_size]
+
+
 @dataclass
 class Preprocess:
     # S (square, S x S) or (height, width); a square is always kept as the int, so configs and cache names
@@ -457,8 +467,7 @@ class Preprocess:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        if isinstance(self.img_size, tuple):
-            d["img_size"] = list(self.img_size)  # JSON's form, so a dict read back from a file compares equal
+        d["img_size"] = size_json(self.img_size)  # JSON's form, so a dict read back from a file compares equal
         return d
 
     @classmethod
@@ -484,7 +493,7 @@ class Preprocess:
 
     def cache_key(self) -> dict:
         """Only what changes the cached pixels (normalization happens later, per batch)."""
-        return {"img_size": self.to_dict()["img_size"], "grayscale": self.grayscale, "crop_bbox": self.crop_bbox,
+        return {"img_size": size_json(self.img_size), "grayscale": self.grayscale, "crop_bbox": self.crop_bbox,
                 "bbox_margin": self.bbox_margin if (self.crop_bbox or self.erase_background) else 0.0,
                 "erase_background": self.erase_background}
 

@@ -261,23 +261,14 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
     written = write_outputs(out_dir, res, files, labels, class_names, split)
     summary = {k: v for k, v in res.items() if k not in ("confusion", "pred", "rank", "true_p", "pred_p")}
     summary.update(checkpoint=str(ckpt_path), arch=ckpt["arch"], data=str(spec.root), split=split, tta=tta,
-                   img_size=_json_size(prep.img_size), train_img_size=_json_size(train_size),
+                   img_size=data.size_json(prep.img_size), train_img_size=data.size_json(train_size),
                    val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
                    files=[str(p) for p in written], epoch=ckpt.get("epoch"))
     return {"summary": summary, "net": net, "prep": prep, "ckpt": ckpt}
 
 
-def _json_size(img_size: int | tuple[int, int]) -> int | list[int]:
-    return img_size if isinstance(img_size, int) else list(img_size)
-
-
-def _size_words(img_size: int | list[int] | tuple[int, int]) -> str:
-    """227 -> "227 px"; (96, 128) -> "128x96" (width x height)."""
-    return f"{img_size} px" if isinstance(img_size, int) else data.size_text(img_size)
-
-
 def format_metrics(s: dict[str, Any]) -> str:
-    size = (f" at {_size_words(s['img_size'])} (trained at {_size_words(s['train_img_size'])})"
+    size = (f" at {data.size_words(s['img_size'])} (trained at {data.size_words(s['train_img_size'])})"
             if s.get("img_size") != s.get("train_img_size") else "")
     lines = [f"{s['checkpoint']} ({s['arch']}, epoch {s.get('epoch')}) on {s['split']} of {s['data']}"
              f"{' with flip TTA' if s['tta'] else ''}{size}: {s['images']} images"
@@ -334,7 +325,7 @@ def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CL
             prep = ckpt["preprocess"]
             acc, src = _run_accuracy(p.parent, ckpt)
             row = {"name": str(p.parent.name if p.name == "best.pt" else p), "arch": ckpt["arch"],
-                   "img": data.Preprocess.from_dict(prep).img_size, "ch": 1 if prep.get("grayscale") else 3,
+                   "img": prep["img_size"], "ch": 1 if prep.get("grayscale") else 3,
                    "acc": acc, "acc_from": src}
         key = f"{len(rows)}:{row['name']}"
         row.update(static_figures(net, row["img"], row["ch"]))
@@ -352,7 +343,7 @@ def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CL
     for r in rows:
         s = speed[r["key"]]
         acc = f"{r['acc']:.2%} ({r['acc_from']})" if r["acc"] is not None else "-"
-        out.append(f"| {r['name']} | {r['arch']} | {_size_words(r['img'])} | {r['params'] / 1e6:.2f} | "
+        out.append(f"| {r['name']} | {r['arch']} | {data.size_words(r['img'])} | {r['params'] / 1e6:.2f} | "
                    f"{r['size_mb_fp32']:.2f} | "
                    f"{r['size_mb_fp16']:.2f} | {r['macs'] / 1e6:.0f} | {s['latency_ms']:.2f} | "
                    f"{s['throughput']:.1f} | {acc} |")

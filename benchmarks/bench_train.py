@@ -38,11 +38,6 @@ from common import cpu_name, device_name, load_average, pick_device, sync  # noq
 from model import build_model, count_params  # noqa: E402
 
 
-def size_words(img_size: int | tuple[int, int]) -> str:
-    """96 -> "96 px"; (96, 128) -> "128x96" (width x height, as --img-size takes it)."""
-    return f"{img_size} px" if isinstance(img_size, int) else data.size_text(img_size)
-
-
 class Trainer:
     """One model's training step on a fixed synthetic batch already on the device."""
 
@@ -182,7 +177,7 @@ def candidates(args: argparse.Namespace, device: torch.device) -> list[tuple[str
     for width in args.width:
         for size in args.img_size:
             if (width, size) != (w0, args.img_size[0]):
-                rows.append((f"ghostnet (ghost_op={op}) width {width:g} at {size_words(size)}", ghostnet(op, width),
+                rows.append((f"ghostnet (ghost_op={op}) width {width:g} at {data.size_words(size)}", ghostnet(op, width),
                              {"img_size": size}))
     return rows
 
@@ -234,7 +229,7 @@ def markdown(report: dict, args: argparse.Namespace, blocks: int) -> str:
     lines = [f"# Training throughput ({m['device'].split(':')[0]})", "",
              f"{report['date']}, {m['device_name']}, {report['threads']} threads, load (1 min) "
              f"{m.get('load_1min_before')} before, {m.get('load_1min_after')} after, torch {torch.__version__}, "
-             f"{size_words(args.img_size[0])} (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} "
+             f"{data.size_words(args.img_size[0])} (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} "
              f"warm-up + {blocks} timed blocks of {args.steps_per_timing} steps (one device sync per block), "
              f"amp {'on' if args.amp else 'off'}{', channels_last' if args.channels_last else ''}.",
              f"Command: `{report['command']}`" + (f"  \nNote: {args.note}" if args.note else ""), "",
