@@ -637,6 +637,8 @@ def search_table(folder: Path) -> int:
     for d in runs:
         o = opts[d.name]
         diff = ", ".join(f"{k}={o[k]}" for k in sorted(o) if k not in ignore and o.get(k) != base.get(k)) or "–"
+        if (d / "NOTE.md").exists():  # a run of code that is not in train.py (a prototype): config.json can't say
+            diff += f"; **not train.py as it is: see [NOTE.md]({d.name}/NOTE.md)**"
         rows = read_metrics_csv(d / "metrics.csv")
         by = {int(r["epoch"]): r for r in rows}
         cell = lambda r: (f"{100 * float(r['val_acc']):.1f} / {100 * float(r['val_top5']):.1f} / "  # noqa: E731

@@ -267,3 +267,21 @@ def test_recipes_campaign_side_by_side_and_budget_curve(smoke, tmp_path):
     assert "| 1 | 2 |" in curve and "| 2 | 1 |" in curve
     assert len(json.loads((tmp_path / "budget_curve.json").read_text())) == 6
     assert (tmp_path / "budget_curve.png").exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_search_table_marks_runs_of_code_train_py_does_not_have(tmp_path):
+    """A run folder with NOTE.md ran a prototype (a patch config.json cannot record): its row says so, the
+    others don't, and the options column still lists what differs from the first run."""
+    header = "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_top5,seconds,img_per_s\n"
+    for name, lr in (("a_base", 0.005), ("b_proto", 0.005), ("c_lr", 0.01)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"options": {"lr": lr, "epochs": 2, "name": name}}))
+        (d / "metrics.csv").write_text(header + "1,0.1,5,0.01,5.2,0.02,0.1,10,100\n2,0.1,4.9,0.03,5.1,0.04,0.12,10,100\n")
+    (tmp_path / "b_proto" / "NOTE.md").write_text("prototype\n")
+    assert X.search_table(tmp_path) == 0
+    rows = {line.split("`")[1]: line for line in (tmp_path / "results.md").read_text().splitlines()
+            if line.startswith("| `")}
+    assert "NOTE.md](b_proto/NOTE.md)" in rows["b_proto"]
+    assert "NOTE.md" not in rows["a_base"] and "NOTE.md" not in rows["c_lr"]
+    assert "lr=0.01" in rows["c_lr"] and "4.0 / 12.0 / 5.100" in rows["c_lr"]
