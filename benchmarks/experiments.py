@@ -549,13 +549,16 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
 def budget_curve(folders: list[Path], out: Path) -> int:
     """budget_curve.png and .md from the results.json of recipes campaigns at several lengths: cars_test
     top-1 against training minutes, one point per run, the mean per recipe and length joined."""
-    points = []
+    points, machines = [], []
     for d in folders:
         res = read_json(Path(d) / "results.json")
         if not res or res.get("settings", {}).get("campaign") != "recipes":
             print(f"error: {d}: no recipes-campaign results.json; run --campaign recipes --out {d} first",
                   file=sys.stderr)
             return 2
+        env = res.get("environment") or {}  # minutes are only comparable on one machine: say which
+        machines.append(f"`{show_path(Path(d))}`: {env.get('cpu', '?')}, {res['settings'].get('jobs', 1)} run(s) "
+                        f"at a time, table of {str(env.get('date', '?'))[:10]}")
         for r in res["experiments"]:
             if r.get("test_top1") is not None and r.get("train_wall_s"):
                 points.append({"recipe": r["step"], "epochs": res["settings"]["epochs"], "run": r["name"],
@@ -570,7 +573,9 @@ def budget_curve(folders: list[Path], out: Path) -> int:
     lengths = sorted({e for _, e in groups})
     L = ["# Budget curve: cars_test top-1 against training time", "",
          "**Held-out part of the official train split, 128x96 copy; each point trains on all of "
-         f"cars_train and scores the final model.** Folders: {', '.join(sorted({p['folder'] for p in points}))}", "",
+         "cars_train and scores the final model.** Where the folders' machines differ, their minutes are not "
+         "comparable (the same run's speed differs up to 3x between machines and days).", "",
+         *[f"- {m}" for m in machines], "",
          "| epochs | study: runs | study: minutes | study: top-1 % | fast: runs | fast: minutes | fast: top-1 % | ahead |",
          "|---|---|---|---|---|---|---|---|"]
     for e in lengths:

@@ -265,6 +265,7 @@ def test_recipes_campaign_side_by_side_and_budget_curve(smoke, tmp_path):
     assert X.main(["--budget-curve", *map(str, folders), "--out", str(tmp_path)]) == 0
     curve = (tmp_path / "budget_curve.md").read_text()
     assert "| 1 | 2 |" in curve and "| 2 | 1 |" in curve
+    assert sum(line.startswith("- `") and "2 run(s) at a time" in line for line in curve.splitlines()) == 2  # machines
     assert len(json.loads((tmp_path / "budget_curve.json").read_text())) == 6
     assert (tmp_path / "budget_curve.png").exists() or importlib.util.find_spec("matplotlib") is None
 
