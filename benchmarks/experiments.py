@@ -243,6 +243,7 @@ def run_logged(argv: list[str], log: Path, env: dict, tqdm_write) -> tuple[int, 
         f.flush()
         proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+        _LIVE.add(proc)
         try:
             for line in proc.stdout:
                 line = line.rstrip("\n").split("\r")[-1]
@@ -259,6 +260,7 @@ def run_logged(argv: list[str], log: Path, env: dict, tqdm_write) -> tuple[int, 
             if proc.poll() is None:  # the runner is being stopped otherwise (SIGTERM): stop the child too
                 proc.terminate()
                 proc.wait()
+            _LIVE.discard(proc)
         f.write(f"# exit {rc} after {time.perf_counter() - t0:.1f} s\n")
     return rc, time.perf_counter() - t0
 
@@ -606,7 +608,7 @@ def budget_curve(folders: list[Path], out: Path) -> int:
         ax.plot(*zip(*mean), "-o", color=colour, label=f"--recipe {recipe}")
         for (x, y), e in zip(mean, [e for e in lengths if (recipe, e) in groups]):
             ax.annotate(f"{e} ep", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
-    ax.set_xlabel("training wall time (minutes, this machine)")
+    ax.set_xlabel("training wall time (minutes; each folder's machine in budget_curve.md)")
     ax.set_ylabel("cars_test top-1 (%)")
     ax.set_title("GhostNet from scratch, 96 px, real 128x96 photos")
     ax.grid(alpha=0.3)
@@ -770,7 +772,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_LIVE: set = set()  # the train/evaluate processes running now (two at a time under --jobs 2)
+
+
 def _terminated(signum, frame):
+    # Under --jobs 2 the runs are waited on in worker threads, which SystemExit in the main thread does not
+    # reach: stop the children here, so each keeps its last.pt and exits, and their threads return.
+    for proc in list(_LIVE):
+        if proc.poll() is None:
+            proc.terminate()
     raise SystemExit(128 + signum)
 
 

@@ -191,6 +191,35 @@ def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
     assert len(X.read_metrics_csv(run / "metrics.csv")) == 2
 
 
+def test_sigterm_stops_both_runs_of_a_two_job_campaign(smoke, tmp_path):
+    """--jobs 2 waits on its runs in worker threads: SIGTERM used to end nothing until both runs had
+    finished on their own. Now both children get the signal, keep their last.pt and the campaign exits."""
+    import signal
+    import time
+    _, _, argv = smoke
+    demo = argv[argv.index("--data") + 1]
+    args = ["--campaign", "recipes", "--seeds", 1, "--jobs", 2, "--epochs", 40, "--img-size", 32, "--data", demo,
+            "--out", tmp_path / "out", "--device", "cpu", "--threads", 1, "--batch-size", 8, "--eval-runs", 1,
+            "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'} --step-sleep 0.3",
+            "--train-script", "tests/train_hooks.py"]
+    runs = [tmp_path / "out" / n for n in ("study_s0", "fast_s0")]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while not all((r / "metrics.csv").exists() for r in runs) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the campaign ended before both runs had an epoch"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0  # 40 slowed epochs would take minutes more
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for r in runs:
+        assert json.loads((r / X.RECORD).read_text())["train_rc"] == 143, r.name
+        assert (r / "last.pt").exists()
+
+
 def test_effect_label_needs_the_seed_spread():
     """A ladder step's effect is judged against the (d)+(f) seed spread; without those runs (a campaign of
     only (a)-(c)) it said "hurts" for a -0.06 point change, which no one can tell from noise."""
