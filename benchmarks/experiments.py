@@ -234,6 +234,9 @@ BAR = re.compile(r"\d+%\||\d+/\d+ \[\d|it/s\]|s/it\]")  # a tqdm progress-bar re
 ECHO = ("data:", "run:", "epoch", "early stopping", "done:", "error", "interrupted", "  top-1", "  CPU", "wrote")
 
 
+_LIVE: set = set()  # the train/evaluate processes running now (two at a time under --jobs 2)
+
+
 def run_logged(argv: list[str], log: Path, env: dict, tqdm_write) -> tuple[int, float]:
     """Run `python argv` in the repository, its output (progress-bar redraws dropped) appended to `log`
     and its key lines echoed; returns (exit status, wall seconds)."""
@@ -770,9 +773,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "a cluster's environment, or tests/train_hooks.py)")
     ap.add_argument("--eval-args", default="", help="extra evaluate.py arguments (one string)")
     return ap
-
-
-_LIVE: set = set()  # the train/evaluate processes running now (two at a time under --jobs 2)
 
 
 def _terminated(signum, frame):

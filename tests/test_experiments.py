@@ -157,10 +157,27 @@ def test_estimate_projects_wall_time(smoke, tmp_path):
     assert "estimate: ghostnet: train" in r.stdout and "projects to" in r.stdout and "d_c50_best" in r.stdout
 
 
-def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
-    """A campaign stopped mid-run (SIGTERM) leaves no child behind; --skip-done continues with --resume."""
+def sigterm_campaign_once(args: list, runs: list[Path], timeout: float) -> int:
+    """Start experiments.py with `args`, SIGTERM it once every run in `runs` has finished an epoch (its
+    metrics.csv exists), and return its exit status; it must exit within 30 s of the signal."""
     import signal
     import time
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not all((r / "metrics.csv").exists() for r in runs) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the campaign ended before every run had an epoch"
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
+    """A campaign stopped mid-run (SIGTERM) leaves no child behind; --skip-done continues with --resume."""
     _, _, argv = smoke
     demo = argv[argv.index("--data") + 1]
     args = ["--only", "a_c1_plain", "--epochs", 2, "--img-size", 32, "--data", demo, "--out", tmp_path / "out",
@@ -168,19 +185,9 @@ def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
             "--patience", 0, "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'} --step-sleep 0.4",
             "--train-script", "tests/train_hooks.py"]
     run = tmp_path / "out" / "a_c1_plain"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        # metrics.csv is written after last.pt and best.pt: epoch 1 is complete, epoch 2 under way
-        while not (run / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert (run / "best.pt").exists() and proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) != 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # metrics.csv is written after last.pt and best.pt: epoch 1 is complete, epoch 2 under way
+    assert sigterm_campaign_once(args, [run], timeout=60) != 0
+    assert (run / "best.pt").exists()
     rec = json.loads((run / X.RECORD).read_text())
     assert rec["train_rc"] not in (None, 0) and rec["train_sessions"] == 1
     assert X.main([str(a) for a in args]) == 2  # present folder, no --skip-done
@@ -194,8 +201,6 @@ def test_sigterm_then_skip_done_resumes(smoke, tmp_path):
 def test_sigterm_stops_both_runs_of_a_two_job_campaign(smoke, tmp_path):
     """--jobs 2 waits on its runs in worker threads: SIGTERM used to end nothing until both runs had
     finished on their own. Now both children get the signal, keep their last.pt and the campaign exits."""
-    import signal
-    import time
     _, _, argv = smoke
     demo = argv[argv.index("--data") + 1]
     args = ["--campaign", "recipes", "--seeds", 1, "--jobs", 2, "--epochs", 40, "--img-size", 32, "--data", demo,
@@ -203,18 +208,7 @@ def test_sigterm_stops_both_runs_of_a_two_job_campaign(smoke, tmp_path):
             "--train-args", f"--workers 1 --cache-dir {tmp_path / 'cache'} --step-sleep 0.3",
             "--train-script", "tests/train_hooks.py"]
     runs = [tmp_path / "out" / n for n in ("study_s0", "fast_s0")]
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while not all((r / "metrics.csv").exists() for r in runs) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None, "the campaign ended before both runs had an epoch"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) != 0  # 40 slowed epochs would take minutes more
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    assert sigterm_campaign_once(args, runs, timeout=90) != 0  # 40 slowed epochs would take minutes more
     for r in runs:
         assert json.loads((r / X.RECORD).read_text())["train_rc"] == 143, r.name
         assert (r / "last.pt").exists()
