@@ -471,15 +471,30 @@ def distributed_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def restart_safe_store(env: dict, timeout: datetime.timedelta) -> dict:
+    """init_process_group's store arguments. Under torchrun the agent's store outlives a restart, and the
+    ranks' addresses from the attempt before are still in it: a rank that arrives first in the restarted
+    group read its late peer's old address and failed with "Connection refused" (seen with --max-restarts).
+    Each attempt therefore gets its own key prefix. Outside torchrun: {}, i.e. the usual env:// set-up."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env["world_size"],
+                                is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"ghostcars/attempt_{attempt}", agent_store),
+            "rank": env["rank"], "world_size": env["world_size"]}
+
+
 def init_distributed(env: dict, device: torch.device, timeout_s: float) -> str:
     """nccl on CUDA, gloo on the CPU. Returns the backend's name. timeout_s bounds the set-up and every
     collective: a rank that waits longer for a dead peer fails, so torchrun can restart the group."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout,
+                                **restart_safe_store(env, timeout))
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainError(f"torch.distributed ({backend}) did not start: {first}; check MASTER_ADDR/MASTER_PORT "

@@ -212,8 +212,10 @@ def _pids_of_rank(marker: str, rank: int) -> list[int]:
 def test_elastic_restart_after_a_dead_rank_resumes_by_itself(tmp_path, tiny):
     """torchrun --max-restarts, one rank SIGKILLed inside epoch 2: torchrun restarts the group with the same
     command, --resume-if-exists continues the run folder from last.pt (epoch 1), and the final weights equal an
-    uninterrupted 2-rank run's. --dist-timeout bounds a restarted group's set-up (gloo's set-up after a restart
-    was seen to hang here now and then), so a hung attempt fails and is restarted instead of waiting forever."""
+    uninterrupted 2-rank run's. --dist-timeout bounds a restarted group's set-up, so a hung attempt fails and is
+    restarted instead of waiting forever. The killed rank comes back 3 s late: rank 0 then reaches the set-up
+    first, which used to read rank 1's address from the dead attempt out of torchrun's store and fail with
+    "Connection refused" on every restart (train.restart_safe_store)."""
     import signal
     import time
     common = ["--data", tiny, "--cache-dir", tmp_path / "cache", "--device", "cpu", "--threads", 1, "--img-size", 32,
@@ -223,7 +225,7 @@ def test_elastic_restart_after_a_dead_rank_resumes_by_itself(tmp_path, tiny):
 
     out = tmp_path / "elastic"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "3", "--nproc_per_node",
-           "2", str(REPO / "tests" / "train_hooks.py"), "--step-sleep", "0.3", *map(str, common), "--out", str(out),
+           "2", str(REPO / "tests" / "train_hooks.py"), "--step-sleep", "0.3", "--late-rank-on-restart", "1", *map(str, common), "--out", str(out),
            "--name", "run", "--resume-if-exists"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

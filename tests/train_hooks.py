@@ -1,11 +1,13 @@
 """train.py with faults a test asks for, put in from outside, so train.py itself carries no test hook:
 
-    python tests/train_hooks.py [--step-sleep S] [--nan-from-step N] <train.py arguments>
+    python tests/train_hooks.py [--step-sleep S] [--nan-from-step N] [--late-rank-on-restart R] <train.py arguments>
 
 --step-sleep S: every optimizer step takes S seconds longer, so a test can kill or signal a run inside an
 epoch. --nan-from-step N: the training loss is NaN from global optimizer step N on (counted as train.py
-counts them, resumed runs included), to reach the non-finite-loss path. Under torchrun give this file in
-place of train.py."""
+counts them, resumed runs included), to reach the non-finite-loss path. --late-rank-on-restart R: after a
+torchrun restart, rank R starts 3 s after the others, so the others reach the process group's set-up first
+(the order that once read a dead attempt's addresses). Under torchrun give this file in place of train.py."""
+import os
 import argparse
 import sys
 import time
@@ -54,7 +56,11 @@ def main() -> int:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--nan-from-step", type=int, default=None)
+    p.add_argument("--late-rank-on-restart", type=int, default=None)
     hooks, rest = p.parse_known_args(sys.argv[1:])
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted and hooks.late_rank_on_restart == int(os.environ.get("RANK", "-1")):
+        time.sleep(3.0)
     install(hooks.step_sleep, hooks.nan_from_step)
     return train.main(rest)
 
