@@ -205,3 +205,43 @@ def test_zero_init_residual_starts_every_residual_block_as_its_shortcut():
     down = net.blocks[1][0]  # 16 -> 24, stride 2: the output is the projection shortcut alone
     torch.testing.assert_close(down(y), down.shortcut(y), rtol=0, atol=0)
     assert M.zero_init_residual(M.build_model("resnet18", 5)) == 0
+
+
+# The study's recipe (C-50), every value that shapes the training: a new flag has to state here what the study
+# recipe does with it, so `python train.py --data data` keeps training exactly as the study's settings say.
+STUDY_VALUES = dict(
+    recipe="study", seed=0, deterministic=False, sync_bn=False, scale_lr=False, arch="ghostnet", dropout=0.2,
+    out_channels=320, width=1.0, zero_init_residual=False, img_size=227, batch_size=64, epochs=200, lr=1e-3,
+    optimizer="adamw", wd=0.6, momentum=0.9, label_smoothing=0.1, scheduler="multistep", milestones=[67, 82, 95, 107],
+    gamma=0.1, exp_base=0.975, plateau_factor=0.1, plateau_patience=10, min_lr=0.0, warmup_epochs=0.0, ema=0.0,
+    wd_norm_bias=True, patience=15, early_stop_on="val_loss", amp=None, amp_dtype="auto", channels_last=False,
+    compile=False, crop_bbox=False, bbox_margin=0.0, erase_background=False, grayscale=False, no_normalize=False,
+    mean=None, std=None, val_split=0.0, augment=["flip", "affine", "jitter"], flip_p=0.5, degrees=25.0,
+    translate=[0.1, 0.1], scale=[0.9, 1.1], shear=[8.0], jitter=[0.2, 0.2, 0.2, 0.1], rotation_degrees=15.0,
+    perspective_scale=0.5, perspective_p=0.5, crop_scale=[0.08, 1.0], crop_ratio=[0.75, 4 / 3], interpolation="auto",
+    erase=False, erase_p=0.5, erase_scale=[0.02, 0.33], erase_ratio=[0.3, 3.3], erase_value=0.0)
+# where files go and how the machine runs them: no bearing on the weights a run learns
+NOT_RECIPE = {"data", "out", "name", "demo", "resume", "init_from", "resume_if_exists", "device", "workers",
+              "threads", "max_steps", "dist_timeout", "ghost_op", "cache_dir", "limit_train", "limit_val"}
+
+
+def test_study_recipe_values_are_pinned():
+    study, explicit = train.parse_args([])
+    got = {k: v for k, v in vars(study).items() if k not in NOT_RECIPE}
+    assert got == STUDY_VALUES
+    assert explicit == set()
+
+
+def test_study_recipe_first_epoch_is_as_before(tmp_path, tiny):
+    """One epoch of the study's recipe on a fixed seed gives the metrics it gave when --recipe fast was added
+    (recorded with torch 2.14.1 on an x86 CPU). Tolerances allow another CPU's summation order, not a change of
+    recipe: a different augmentation, initialisation or learning rate moves the training loss by far more."""
+    data_dir, cache = tiny
+    proc = run_train("--data", data_dir, "--out", tmp_path, "--name", "s", "--cache-dir", cache, "--img-size", 32,
+                     "--batch-size", 8, "--epochs", 1, "--deterministic", "--device", "cpu", "--seed", 3)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = read_rows(tmp_path / "s")
+    assert float(row["lr"]) == 1e-3
+    assert math.isclose(float(row["train_loss"]), 1.23922, abs_tol=2e-3), row
+    assert math.isclose(float(row["train_acc"]), 0.21875, abs_tol=1 / 32 + 1e-6), row  # one image of 32
+    assert math.isclose(float(row["val_loss"]), 1.09887, abs_tol=2e-3), row
