@@ -411,7 +411,11 @@ def environment(args: argparse.Namespace) -> dict:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+            "date": _now()}
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -> Path:
@@ -864,15 +868,15 @@ def main(argv: list[str] | None = None) -> int:
                     ok = list(pool.map(lambda p: run_one(p, args, env, tqdm.write), batch))
             failed += [p.exp.name for p, good in zip(batch, ok) if not good]
             bar.update(len(batch))
-            write(all_plans, args, env_info)
+            write(all_plans, args, {**env_info, "date": _now()})  # when written
     except KeyboardInterrupt:
-        write(all_plans, args, env_info)
+        write(all_plans, args, {**env_info, "date": _now()})  # when written
         print("\ninterrupted; finished runs are kept; continue with the same command plus --skip-done",
               file=sys.stderr)
         return 130
     finally:
         bar.close()
-    res = write(all_plans, args, env_info)
+    res = write(all_plans, args, {**env_info, "date": _now()})  # when written
     print(f"{len(plans) - len(failed)}/{len(plans)} experiments done in {_dur(time.perf_counter() - t0)}; wrote {res} "
           f"and {args.out / 'results.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

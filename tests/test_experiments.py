@@ -276,6 +276,9 @@ def test_recipes_campaign_side_by_side_and_budget_curve(smoke, tmp_path):
         folders.append(out)
     res = json.loads((folders[0] / "results.json").read_text())
     assert res["settings"]["campaign"] == "recipes" and res["summary"]["fast"]["runs"] == 2
+    import datetime
+    last_file = max((folders[0] / r["name"] / "final.pt").stat().st_mtime for r in res["experiments"])
+    assert res["environment"]["date"] >= datetime.datetime.fromtimestamp(last_file).isoformat(timespec="seconds")
     for r in res["experiments"]:
         assert r["state"] == "done" and r["train_wall_s"] > 0
         assert (tmp_path / "r1" / r["name"] / "final.pt").exists()
