@@ -225,8 +225,8 @@ def test_elastic_restart_after_a_dead_rank_resumes_by_itself(tmp_path, tiny):
 
     out = tmp_path / "elastic"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--max-restarts", "3", "--nproc_per_node",
-           "2", str(REPO / "tests" / "train_hooks.py"), "--step-sleep", "0.3", "--late-rank-on-restart", "1", *map(str, common), "--out", str(out),
-           "--name", "run", "--resume-if-exists"]
+           "2", str(REPO / "tests" / "train_hooks.py"), "--step-sleep", "0.3", "--late-rank-on-restart", "1",
+           *map(str, common), "--out", str(out), "--name", "run", "--resume-if-exists"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240

@@ -577,6 +577,7 @@ def test_auto_sends_cpu_channels_last_to_the_reference(monkeypatch):
                            impl="ext")  # "ext" still forces the kernels
     assert calls == [False]
 
+
 def test_profile_op_kernel_names():
     import sys
     from pathlib import Path

@@ -7,8 +7,8 @@ epoch. --nan-from-step N: the training loss is NaN from global optimizer step N 
 counts them, resumed runs included), to reach the non-finite-loss path. --late-rank-on-restart R: after a
 torchrun restart, rank R starts 3 s after the others, so the others reach the process group's set-up first
 (the order that once read a dead attempt's addresses). Under torchrun give this file in place of train.py."""
-import os
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
