@@ -410,12 +410,7 @@ def environment(args: argparse.Namespace) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "date": _now()}
-
-
-def _now() -> str:
-    return datetime.datetime.now().isoformat(timespec="seconds")
+            "torchvision": torchvision.__version__}
 
 
 def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -> Path:
@@ -852,7 +847,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"to reuse finished runs and continue unfinished ones, or remove them", file=sys.stderr)
             return 2
     env_info = environment(args)
-    write = write_results if args.campaign == "study" else write_recipe_results
+    write_tables = write_results if args.campaign == "study" else write_recipe_results
+
+    def write() -> Path:  # the tables say when they were written, not when the campaign started
+        now = datetime.datetime.now().isoformat(timespec="seconds")
+        return write_tables(all_plans, args, {**env_info, "date": now})
     failed = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(plans), desc="experiments", unit="run", dynamic_ncols=True)
@@ -868,15 +867,15 @@ def main(argv: list[str] | None = None) -> int:
                     ok = list(pool.map(lambda p: run_one(p, args, env, tqdm.write), batch))
             failed += [p.exp.name for p, good in zip(batch, ok) if not good]
             bar.update(len(batch))
-            write(all_plans, args, {**env_info, "date": _now()})  # when written
+            write()
     except KeyboardInterrupt:
-        write(all_plans, args, {**env_info, "date": _now()})  # when written
+        write()
         print("\ninterrupted; finished runs are kept; continue with the same command plus --skip-done",
               file=sys.stderr)
         return 130
     finally:
         bar.close()
-    res = write(all_plans, args, {**env_info, "date": _now()})  # when written
+    res = write()
     print(f"{len(plans) - len(failed)}/{len(plans)} experiments done in {_dur(time.perf_counter() - t0)}; wrote {res} "
           f"and {args.out / 'results.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
