@@ -174,6 +174,24 @@ class Plan:
     evaluate: list[str]
 
 
+# the options plan() gives every run, one value each; a run's own flags may set one again
+COMMON_OPTIONS = ("--data", "--out", "--name", "--img-size", "--epochs", "--seed", "--val-split", "--patience",
+                  "--batch-size", "--threads", "--device")
+
+
+def drop_overridden(argv: list[str]) -> list[str]:
+    """argv without the common options that are given again later (by a run's own flags, e.g. --fast-args), so
+    a command shows only the value the run used: argparse keeps the last one anyway."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in COMMON_OPTIONS and argv[i] in argv[i + 2:]:
+            i += 2  # the option and its one value
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def plan(exp: Experiment, args: argparse.Namespace) -> Plan:
     run_dir = args.out / exp.name
     common = ["--data", show_path(args.data), "--out", show_path(args.out), "--name", exp.name,
@@ -186,7 +204,7 @@ def plan(exp: Experiment, args: argparse.Namespace) -> Plan:
         common += ["--threads", str(args.threads)]
     if args.device:
         common += ["--device", args.device]
-    train = [args.train_script, *common, *exp.flags, *shlex.split(args.train_args)]
+    train = drop_overridden([args.train_script, *common, *exp.flags, *shlex.split(args.train_args)])
     ev = ["evaluate.py", "--checkpoint", show_path(run_dir / exp.checkpoint), "--data", show_path(args.data),
           "--split", "test", "--json", show_path(run_dir / EVAL_JSON), "--runs", str(args.eval_runs),
           *exp.eval_flags]
@@ -220,7 +238,9 @@ def state(pl: Plan) -> str:
     """'done', 'trained' (evaluate missing), 'partial' (last.pt, training unfinished), 'other' (the folder
     holds a run of different settings), 'empty'."""
     rec = read_json(pl.run_dir / RECORD)
-    if rec is not None and rec.get("train_command") != display(pl.train):
+    # commands recorded before drop_overridden() existed list an overridden option twice: the same run
+    recorded = shlex.split(rec.get("train_command") or "")[1:] if rec is not None else None
+    if rec is not None and display(drop_overridden(recorded)) != display(pl.train):
         return "other"
     if rec and rec.get("train_rc") == 0:
         ev = read_json(pl.run_dir / EVAL_JSON)
@@ -394,7 +414,9 @@ def _status(r: dict) -> str:
 
 
 def label(args: argparse.Namespace) -> str:
-    return (f"held-out part of the official train split, 128x96 copy, {args.epochs} epochs at {args.img_size} px: "
+    fast = getattr(args, "fast_args", "") if getattr(args, "campaign", None) == "recipes" else ""
+    budget = f"{args.epochs} epochs at {args.img_size} px" + (f" (fast runs: `{fast}`)" if fast else "")
+    return (f"held-out part of the official train split, 128x96 copy, {budget}: "
             f"not comparable to the study's {STUDY_BEST} on full-size images")
 
 
@@ -519,7 +541,9 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
     write_json({"settings": settings, "environment": env_info, "summary": summary, "experiments": rows},
                args.out / "results.json")
     st, fa = summary["study"], summary["fast"]
-    L = [f"# The study's recipe against --recipe fast ({args.epochs} epochs, {args.img_size} px)", "",
+    fast_budget = f"; fast: `{args.fast_args}`" if args.fast_args else ""
+    L = [f"# The study's recipe against --recipe fast (study: {args.epochs} epochs at {args.img_size} px{fast_budget})",
+         "",
          f"**{label(args)}.**", "",
          "- each run trains on all of cars_train for exactly the epochs given (no early stopping, no validation "
          "split: the per-epoch 'val' columns of metrics.csv are cars_test, logged and never used to choose); "
@@ -552,7 +576,9 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
 
 def budget_curve(folders: list[Path], out: Path) -> int:
     """budget_curve.png and .md from the results.json of recipes campaigns at several lengths: cars_test
-    top-1 against training minutes, one point per run, the mean per recipe and length joined."""
+    top-1 against training minutes, one point per run, the mean per recipe and length joined. A campaign run
+    with --fast-args (the fast runs at another size or length in the study's time) is a series of its own:
+    its study runs ran beside those fast runs, maybe on another machine, and are not pooled with the rest."""
     points, machines = [], []
     for d in folders:
         res = read_json(Path(d) / "results.json")
@@ -566,32 +592,35 @@ def budget_curve(folders: list[Path], out: Path) -> int:
         for r in res["experiments"]:
             if r.get("test_top1") is not None and r.get("train_wall_s"):
                 points.append({"recipe": r["step"], "epochs": res["settings"]["epochs"], "run": r["name"],
+                               "fast_args": res["settings"].get("fast_args") or "",
                                "folder": show_path(Path(d)), "minutes": r["train_wall_s"] / 60,
                                "top1": 100 * r["test_top1"], "top5": 100 * r["test_top5"]})
     if not points:
         print("error: no finished runs in those folders", file=sys.stderr)
         return 2
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for p in points:
-        groups.setdefault((p["recipe"], p["epochs"]), []).append(p)
-    lengths = sorted({e for _, e in groups})
+        groups.setdefault((p["fast_args"], p["recipe"], p["epochs"]), []).append(p)
+    rows = sorted({(v, e) for v, _, e in groups})  # plain campaigns ("" sorts first), then by length
     L = ["# Budget curve: cars_test top-1 against training time", "",
          "**Held-out part of the official train split, 128x96 copy; each point trains on all of "
          "cars_train and scores the final model.** Where the folders' machines differ, their minutes are not "
-         "comparable (the same run's speed differs up to 3x between machines and days).", "",
+         "comparable (the same run's speed differs up to 3x between machines and days). 'epochs' is the "
+         "study recipe's length at the campaign's input size; a row with fast flags ran the fast recipe with "
+         "them beside its own study runs.", "",
          *[f"- {m}" for m in machines], "",
          "| epochs | study: runs | study: minutes | study: top-1 % | fast: runs | fast: minutes | fast: top-1 % | ahead |",
          "|---|---|---|---|---|---|---|---|"]
-    for e in lengths:
+    for v, e in rows:
         cells, means = [], {}
         for recipe in ("study", "fast"):
-            g = groups.get((recipe, e), [])
+            g = groups.get((v, recipe, e), [])
             t1 = [p["top1"] for p in g]
             means[recipe] = statistics.mean(t1) if t1 else None
             cells += [str(len(g)), f"{statistics.mean(p['minutes'] for p in g):.1f}" if g else "–", _mean_sd(t1)]
         ahead = "–" if None in means.values() else (
             "fast" if means["fast"] > means["study"] else "study" if means["study"] > means["fast"] else "tie")
-        L.append(f"| {e} | " + " | ".join(cells) + f" | {ahead} |")
+        L.append(f"| {e}" + (f" (fast: `{v}`)" if v else "") + " | " + " | ".join(cells) + f" | {ahead} |")
     (out / "budget_curve.md").write_text("\n".join(L) + "\n")
     write_json(points, out / "budget_curve.json")
     try:
@@ -602,19 +631,28 @@ def budget_curve(folders: list[Path], out: Path) -> int:
         print("note: matplotlib is not installed, so no budget_curve.png", file=sys.stderr)
         return 0
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    variants = sorted({v for v, _ in rows})
     for recipe, colour in (("study", "tab:blue"), ("fast", "tab:orange")):
-        pts = [p for p in points if p["recipe"] == recipe]
-        ax.scatter([p["minutes"] for p in pts], [p["top1"] for p in pts], color=colour, alpha=0.5, s=18)
-        mean = [(statistics.mean(p["minutes"] for p in groups[(recipe, e)]),
-                 statistics.mean(p["top1"] for p in groups[(recipe, e)])) for e in lengths if (recipe, e) in groups]
-        ax.plot(*zip(*mean), "-o", color=colour, label=f"--recipe {recipe}")
-        for (x, y), e in zip(mean, [e for e in lengths if (recipe, e) in groups]):
-            ax.annotate(f"{e} ep", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
+        for i, v in enumerate(variants):
+            lengths = [e for w, e in rows if w == v and (v, recipe, e) in groups]
+            if not lengths:
+                continue
+            pts = [p for e in lengths for p in groups[(v, recipe, e)]]
+            marker = "os^D"[i % 4]
+            ax.scatter([p["minutes"] for p in pts], [p["top1"] for p in pts], color=colour, alpha=0.4, s=18,
+                       marker=marker)
+            mean = [(statistics.mean(p["minutes"] for p in groups[(v, recipe, e)]),
+                     statistics.mean(p["top1"] for p in groups[(v, recipe, e)])) for e in lengths]
+            name = f"--recipe {recipe}" + ((f" {v}" if recipe == "fast" else f" (beside fast {v})") if v else "")
+            ax.plot(*zip(*mean), marker=marker, linestyle="-" if not v else ":", color=colour, label=name)
+            for (x, y), e in zip(mean, lengths):
+                ax.annotate(f"{e}-ep budget" if v else f"{e} ep", (x, y), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=colour)
     ax.set_xlabel("training wall time (minutes; each folder's machine in budget_curve.md)")
     ax.set_ylabel("cars_test top-1 (%)")
-    ax.set_title("GhostNet from scratch, 96 px, real 128x96 photos")
+    ax.set_title("GhostNet from scratch on the real 128x96 photos (study: 96 px)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "budget_curve.png", dpi=110)
     plt.close(fig)

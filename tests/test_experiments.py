@@ -255,8 +255,33 @@ def test_recipes_campaign_fast_args_reach_the_fast_runs_only():
     study, fast = train["study_s0"], train["fast_s0"]
     assert "128x96" not in study and study[study.index("--epochs") + 1] == "40"
     assert fast[-4:] == ["--img-size", "128x96", "--epochs", "34"]
+    assert fast.count("--img-size") == 1 and fast.count("--epochs") == 1  # the command shows what ran, once
     args, _ = __import__("train").parse_args(fast[2:])
     assert args.img_size == (96, 128) and args.epochs == 34
+    import argparse
+    campaign = argparse.Namespace(campaign="recipes", epochs=40, img_size=96, fast_args="--img-size 128x96 --epochs 34")
+    assert "40 epochs at 96 px (fast runs: `--img-size 128x96 --epochs 34`)" in X.label(campaign)
+
+
+def test_a_record_that_lists_an_overridden_option_twice_is_the_same_run(tmp_path):
+    """Run folders recorded before the commands dropped overridden options (`--img-size 96 ... --img-size 128`)
+    are the same runs as the new one-value commands: --skip-done continues them instead of calling them
+    another run's folder; a record of really other settings still is one."""
+    fast = "--img-size 128 --epochs 32"
+    r = cli("--campaign", "recipes", "--dry-run", "--seeds", 1, "--out", tmp_path, "--fast-args", fast)
+    new = [ln for ln in r.stdout.splitlines() if ln.startswith("python train.py") and "fast_s0" in ln][0]
+    argv = shlex.split(new)
+    old = argv[:argv.index("--seed")] + ["--img-size", "96", "--epochs", "40"] + argv[argv.index("--seed"):]
+    (tmp_path / "fast_s0").mkdir()
+    record = {"name": "fast_s0", "train_command": shlex.join(old), "train_rc": 0}
+    (tmp_path / "fast_s0" / "experiment.json").write_text(json.dumps(record))
+    assert X.drop_overridden(old[1:]) == argv[1:]
+    r = cli("--campaign", "recipes", "--dry-run", "--seeds", 1, "--out", tmp_path, "--fast-args", fast)
+    assert "# fast_s0 (--recipe fast)  # trained" in r.stdout, r.stdout
+    record["train_command"] = new.replace("--epochs 32", "--epochs 31")  # really another run
+    (tmp_path / "fast_s0" / "experiment.json").write_text(json.dumps(record))
+    r = cli("--campaign", "recipes", "--dry-run", "--seeds", 1, "--out", tmp_path, "--fast-args", fast)
+    assert "# fast_s0 (--recipe fast)  # other" in r.stdout, r.stdout
 
 
 @pytest.mark.slow
@@ -312,3 +337,25 @@ def test_search_table_marks_runs_of_code_train_py_does_not_have(tmp_path):
     assert "NOTE.md](b_proto/NOTE.md)" in rows["b_proto"]
     assert "NOTE.md" not in rows["a_base"] and "NOTE.md" not in rows["c_lr"]
     assert "lr=0.01" in rows["c_lr"] and "4.0 / 12.0 / 5.100" in rows["c_lr"]
+
+
+def test_budget_curve_keeps_a_fast_args_campaign_as_its_own_series(tmp_path):
+    """A campaign whose fast runs had their own flags (another size in the study's time) is its own row and
+    series: its study runs are not pooled with another folder's study runs of the same length."""
+    def campaign(name: str, epochs: int, fast_args: str, study_top1: float, fast_top1: float) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        runs = [{"name": f"{r}_s0", "step": r, "test_top1": t / 100, "test_top5": 2 * t / 100,
+                 "train_wall_s": 60.0 * epochs} for r, t in (("study", study_top1), ("fast", fast_top1))]
+        (d / "results.json").write_text(json.dumps({
+            "settings": {"campaign": "recipes", "epochs": epochs, "fast_args": fast_args, "jobs": 2},
+            "environment": {"cpu": "test cpu", "date": "2026-12-03T00:00:00"}, "experiments": runs}))
+        return d
+    folders = [campaign("r20", 20, "", 3.0, 7.0), campaign("r40", 40, "", 6.0, 9.0),
+               campaign("r40_128", 40, "--img-size 128 --epochs 32", 7.0, 11.0)]
+    assert X.budget_curve(folders, tmp_path) == 0
+    rows = [ln for ln in (tmp_path / "budget_curve.md").read_text().splitlines() if ln.startswith("| ")][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 20", "| 40", "| 40 (fast: `--img-size 128 --epochs 32`)"]
+    assert "| 6.00 |" in rows[1] and "| 7.00 |" in rows[2]  # the two 40-epoch study runs are not pooled
+    points = json.loads((tmp_path / "budget_curve.json").read_text())
+    assert {p["fast_args"] for p in points} == {"", "--img-size 128 --epochs 32"} and len(points) == 6
