@@ -361,6 +361,13 @@ def find_dataset(data_dir: str | os.PathLike) -> DatasetSpec:
                     f"accepted layouts: {LAYOUTS_HELP}")
 
 
+def holdout_seed(options: dict) -> int:
+    """The seed of a run's --val-split draw from its options (args or config.json's): --val-seed, else --seed
+    (runs from before --val-seed have only the latter)."""
+    v = options.get("val_seed")
+    return int(v) if v is not None else int(options.get("seed", 0) or 0)
+
+
 def make_splits(spec: DatasetSpec, val_split: float = 0.0, seed: int = 0) -> dict[str, list[Record]]:
     """{"train", "val", "test"}: val is the official test split, or with val_split > 0 a stratified, seeded
     hold-out of train (so the official test split stays untouched until the end)."""
@@ -928,6 +935,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=float, nargs="+", default=None, help="normalization std (default: reference's)")
     g.add_argument("--val-split", type=float, default=0.0,
                    help="hold out this stratified fraction of train as val (default 0: val = official test split)")
+    g.add_argument("--val-seed", type=int, default=None,
+                   help="seed of the --val-split draw (default: --seed); fix it to compare runs of several seeds "
+                        "on the same held-out images")
     g.add_argument("--cache-dir", default=None, help=f"decoded-image cache (default: {default_cache_dir()})")
 
 

@@ -5,7 +5,7 @@
     python evaluate.py --compare ghostnet mobilenet_v3_large runs/<name> [--out table.md]
 
 Accuracy comes from the checkpoint's own preprocessing and, for "val", from the checkpoint's own
---val-split/--seed, so "val" here is the same hold-out the run was selected on. Efficiency is always
+--val-split/--val-seed, so "val" here is the same hold-out the run was selected on. Efficiency is always
 measured on the BN-folded model (model.fuse_for_inference), which is what prediction runs.
 """
 from __future__ import annotations
@@ -237,7 +237,7 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
                              f"{len(class_names)}; evaluate on the dataset the model was trained on")
     # the checkpoint's own hold-out, so "val" is the split the run was selected on
     val_split = float(cfg.get("val_split", 0.0) or 0.0)
-    seed = int(cfg.get("seed", 0) or 0)
+    seed = data.holdout_seed(cfg)
     splits = data.make_splits(spec, val_split=val_split, seed=seed)
     if split not in splits:
         raise ValueError(f"--split {split}: choose one of {', '.join(splits)}")
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", type=Path, help="a checkpoint (runs/<name>/best.pt)")
     ap.add_argument("--data", help="dataset folder (default: the one in the checkpoint's config)")
     ap.add_argument("--split", default="test", choices=["test", "val", "train"],
-                    help="which split; 'val' uses the checkpoint's --val-split/--seed")
+                    help="which split; 'val' uses the checkpoint's --val-split/--val-seed")
     ap.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     ap.add_argument("--json", type=Path, help="also write all figures to this JSON file")
     ap.add_argument("--out-dir", type=Path,

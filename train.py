@@ -749,7 +749,7 @@ def load_data(args: argparse.Namespace, env: Setup) -> Data:
     except data.DataError as e:  # say where Stanford Cars goes, and that the demo needs no download
         raise TrainError(f"{e}. Put Stanford Cars there (README: 'Getting Stanford Cars'), "
                          f"or try: python train.py --demo") from None
-    splits = data.make_splits(spec, val_split=args.val_split, seed=args.seed)
+    splits = data.make_splits(spec, val_split=args.val_split, seed=data.holdout_seed(vars(args)))
     train_records = subset(splits["train"], args.limit_train, args.seed)
     val_records = subset(splits["val"], args.limit_val, args.seed + 1)
     val_name = "val (held out of train)" if args.val_split else "val (= the official test split)"

@@ -153,6 +153,24 @@ def test_metrics_equal_recount(ckpt, demo, tmp_path, capsys):
         pass
 
 
+def test_val_split_follows_the_checkpoints_val_seed(demo, tmp_path):
+    """A run with --val-seed drew its hold-out with that seed, not --seed: --split val draws the same one
+    (runs of several seeds compared on one validation split)."""
+    spec = data.find_dataset(demo)
+    ck = make_checkpoint(tmp_path / "run" / "best.pt", spec.class_names,
+                         config={"val_split": 0.25, "seed": 3, "val_seed": 5})
+    out_dir = tmp_path / "out"
+    rc = evaluate.main(["--checkpoint", str(ck), "--data", str(demo), "--split", "val", "--json",
+                        str(tmp_path / "e.json"), "--no-efficiency", "--out-dir", str(out_dir),
+                        "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    names = lambda recs: sorted(Path(r.path).name for r in recs)  # noqa: E731
+    want = names(data.make_splits(spec, val_split=0.25, seed=5)["val"])
+    assert want != names(data.make_splits(spec, val_split=0.25, seed=3)["val"])  # the seeds draw differently
+    assert sorted(Path(r["file"]).name for r in read_predictions(out_dir / "predictions_val.csv")) == want
+    assert data.holdout_seed({"seed": 3}) == 3 and data.holdout_seed({"seed": 3, "val_seed": 0}) == 0
+
+
 def test_val_split_is_the_checkpoints(ckpt, demo, tmp_path):
     """--split val uses the checkpoint's --val-split/--seed, so it is the hold-out the run selected on."""
     out_dir = tmp_path / "out"
