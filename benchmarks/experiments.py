@@ -647,7 +647,7 @@ def budget_curve(folders: list[Path], out: Path) -> int:
             ax.plot(*zip(*mean), marker=marker, linestyle="-" if not v else ":", color=colour, label=name)
             for (x, y), e in zip(mean, lengths):
                 ax.annotate(f"{e}-ep budget" if v else f"{e} ep", (x, y), textcoords="offset points",
-                            xytext=(4, -10), fontsize=7, color=colour)
+                            xytext=(4, 5) if v else (4, -10), fontsize=7, color=colour)  # apart at one length
     ax.set_xlabel("training wall time (minutes; each folder's machine in budget_curve.md)")
     ax.set_ylabel("cars_test top-1 (%)")
     ax.set_title("GhostNet from scratch on the real 128x96 photos (study: 96 px)")
