@@ -174,21 +174,18 @@ class Plan:
     evaluate: list[str]
 
 
-# the options plan() gives every run, one value each; a run's own flags may set one again
-COMMON_OPTIONS = ("--data", "--out", "--name", "--img-size", "--epochs", "--seed", "--val-split", "--patience",
-                  "--batch-size", "--threads", "--device")
-
-
 def drop_overridden(argv: list[str]) -> list[str]:
-    """argv without the common options that are given again later (by a run's own flags, e.g. --fast-args), so
-    a command shows only the value the run used: argparse keeps the last one anyway."""
+    """argv without each --option (and its values) that is given again later, e.g. plan()'s --img-size after
+    --fast-args set another: argparse keeps the last one anyway (train.py has no append options), so the
+    command shows only what the run used."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in COMMON_OPTIONS and argv[i] in argv[i + 2:]:
-            i += 2  # the option and its one value
-            continue
-        out.append(argv[i])
-        i += 1
+        end = i + 1
+        while end < len(argv) and not argv[end].startswith("--"):
+            end += 1  # the option's values ("-8" of --shear is one too)
+        if not (argv[i].startswith("--") and argv[i] in argv[end:]):
+            out += argv[i:end]
+        i = end
     return out
 
 
@@ -238,10 +235,10 @@ def state(pl: Plan) -> str:
     """'done', 'trained' (evaluate missing), 'partial' (last.pt, training unfinished), 'other' (the folder
     holds a run of different settings), 'empty'."""
     rec = read_json(pl.run_dir / RECORD)
-    # commands recorded before drop_overridden() existed list an overridden option twice: the same run
-    recorded = shlex.split(rec.get("train_command") or "")[1:] if rec is not None else None
-    if rec is not None and display(drop_overridden(recorded)) != display(pl.train):
-        return "other"
+    if rec is not None:  # commands recorded before drop_overridden() list an overridden option twice
+        recorded = drop_overridden(shlex.split(rec.get("train_command") or "")[1:])
+        if display(recorded) != display(pl.train):
+            return "other"
     if rec and rec.get("train_rc") == 0:
         ev = read_json(pl.run_dir / EVAL_JSON)
         return "done" if ev and "metrics" in ev and rec.get("eval_rc") == 0 else "trained"
@@ -414,7 +411,7 @@ def _status(r: dict) -> str:
 
 
 def label(args: argparse.Namespace) -> str:
-    fast = getattr(args, "fast_args", "") if getattr(args, "campaign", None) == "recipes" else ""
+    fast = args.fast_args if args.campaign == "recipes" else ""
     budget = f"{args.epochs} epochs at {args.img_size} px" + (f" (fast runs: `{fast}`)" if fast else "")
     return (f"held-out part of the official train split, 128x96 copy, {budget}: "
             f"not comparable to the study's {STUDY_BEST} on full-size images")
