@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -442,6 +442,10 @@ class Preprocess:
     crop_bbox: bool = False
     bbox_margin: float = 0.0  # fraction of the box's width/height added on each side
     erase_background: bool = False
+    # fraction of each side kept around the image's centre before the resize, at evaluation and prediction only
+    # (training decodes whole images: its random resized crops zoom in, and a test crop of about the crops'
+    # mean side shows the car at the size training saw it; see --test-crop)
+    test_crop: float = 1.0
     normalize: bool = True
     mean: tuple[float, ...] = RGB_MEAN
     std: tuple[float, ...] = RGB_STD
@@ -461,6 +465,10 @@ class Preprocess:
         self.img_size = h if h == w else (h, w)
         if min(h, w) < MIN_SIDE:
             raise DataError(f"image size {size_text(self.img_size)} is too small; use at least {MIN_SIDE}")
+        self.test_crop = float(self.test_crop)
+        if not 0.2 <= self.test_crop <= 1.0:
+            raise DataError(f"--test-crop {self.test_crop:g} is outside 0.2..1 (the fraction of each side kept; "
+                            f"1 = the whole image)")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -502,7 +510,13 @@ class Preprocess:
         """Only what changes the cached pixels (normalization happens later, per batch)."""
         return {"img_size": size_json(self.img_size), "grayscale": self.grayscale, "crop_bbox": self.crop_bbox,
                 "bbox_margin": self.bbox_margin if (self.crop_bbox or self.erase_background) else 0.0,
-                "erase_background": self.erase_background}
+                "erase_background": self.erase_background,
+                # the key only where it changes pixels, so whole-image caches keep their names
+                **({"test_crop": self.test_crop} if self.test_crop != 1.0 else {})}
+
+    def for_training(self) -> "Preprocess":
+        """The preprocessing of training images: whole images (the random crops come later, per batch)."""
+        return replace(self, test_crop=1.0)
 
 
 def _to_mode(img: Image.Image, gray: bool) -> Image.Image:
@@ -571,6 +585,7 @@ def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> t
             # JPEG DCT scaling: decode big photos at 1/2, 1/4, 1/8 size while still >= the needed resolution
             if src.format == "JPEG":
                 bw, bh = (box[2] - box[0], box[3] - box[1]) if (box and prep.crop_bbox) else (w0, h0)
+                bw, bh = bw * prep.test_crop, bh * prep.test_crop
                 src.draft(None, (max(1, math.ceil(W * w0 / bw)), max(1, math.ceil(H * h0 / bh))))
             src.load()
             sx, sy = src.size[0] / w0, src.size[1] / h0
@@ -587,8 +602,13 @@ def _load(path: str, prep: Preprocess, bbox: Sequence[float] | None = None) -> t
                     canvas = Image.new(img.mode, img.size, 0)
                     canvas.paste(img.crop(box_s), box_s[:2])
                     img = canvas
-            # squash to W x H (aspect not kept), as the reference did with transforms.Resize((227, 227)) on PIL
-            img = img.resize((W, H), Image.BILINEAR)
+            if prep.test_crop < 1.0:  # the centre, cut with sub-pixel edges by resize's box
+                cw, ch = img.size[0] * prep.test_crop, img.size[1] * prep.test_crop
+                x0, y0 = (img.size[0] - cw) / 2, (img.size[1] - ch) / 2
+                img = img.resize((W, H), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+            else:
+                # squash to W x H (aspect not kept), as the reference did with transforms.Resize((227, 227))
+                img = img.resize((W, H), Image.BILINEAR)
             out = np.asarray(img, dtype=np.uint8).copy()
     except ImageError:
         raise
@@ -938,6 +958,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-seed", type=int, default=None,
                    help="seed of the --val-split draw (default: --seed); fix it to compare runs of several seeds "
                         "on the same held-out images")
+    g.add_argument("--test-crop", type=float, default=1.0, metavar="FRACTION",
+                   help="validation, evaluation and prediction keep this fraction of each side around the image's "
+                        "centre (1 = the whole image, the study's); training images stay whole")
     g.add_argument("--cache-dir", default=None, help=f"decoded-image cache (default: {default_cache_dir()})")
 
 
@@ -948,7 +971,7 @@ def preprocess_from_args(args: argparse.Namespace) -> Preprocess:
     return Preprocess(img_size=getattr(args, "img_size", 227) or 227, grayscale=gray,
                       crop_bbox=bool(args.crop_bbox), bbox_margin=float(args.bbox_margin),
                       erase_background=bool(args.erase_background), normalize=not args.no_normalize,
-                      mean=tuple(mean), std=tuple(std))
+                      mean=tuple(mean), std=tuple(std), test_crop=getattr(args, "test_crop", 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -216,11 +216,12 @@ def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: 
 def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "test", tta: bool = False,
                         batch_size: int = 64, device: str = "auto", cache_dir: str | None = None,
                         workers: int | None = None, out_dir: Path | None = None,
-                        ghost_op: str = "auto", img_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+                        ghost_op: str = "auto", img_size: int | tuple[int, int] | None = None,
+                        test_crop: float | None = None) -> dict[str, Any]:
     """Accuracy of a checkpoint on a split. img_size: decode the images at this size instead of the
-    training size (a larger test size often pays after training with scale augmentation: the objects
-    then appear at the size they had in training; Touvron et al., "Fixing the train-test resolution
-    discrepancy")."""
+    training size. test_crop: keep this fraction of each side around the centre instead of the checkpoint's
+    own --test-crop. Both answer the same discrepancy (Touvron et al., "Fixing the train-test resolution
+    discrepancy"): random resized crops show objects larger in training than whole test images do."""
     ckpt = M.load_checkpoint(ckpt_path)
     class_names = list(ckpt["class_names"])
     cfg = ckpt.get("config") or {}
@@ -231,6 +232,8 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
     train_size = prep.img_size
     if img_size is not None:
         prep = dataclasses.replace(prep, img_size=img_size)  # (a 4:3 model is tested at 4:3 sizes)
+    if test_crop is not None:
+        prep = dataclasses.replace(prep, test_crop=test_crop)
     spec = data.find_dataset(data_dir)
     if list(spec.class_names) != class_names:
         raise data.DataError(f"{spec.root}: its {len(spec.class_names)} class names differ from the checkpoint's "
@@ -262,7 +265,7 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
     summary = {k: v for k, v in res.items() if k not in ("confusion", "pred", "rank", "true_p", "pred_p")}
     summary.update(checkpoint=str(ckpt_path), arch=ckpt["arch"], data=str(spec.root), split=split, tta=tta,
                    img_size=data.size_json(prep.img_size), train_img_size=data.size_json(train_size),
-                   val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
+                   test_crop=prep.test_crop, val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
                    files=[str(p) for p in written], epoch=ckpt.get("epoch"))
     return {"summary": summary, "net": net, "prep": prep, "ckpt": ckpt}
 
@@ -270,6 +273,8 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
 def format_metrics(s: dict[str, Any]) -> str:
     size = (f" at {data.size_words(s['img_size'])} (trained at {data.size_words(s['train_img_size'])})"
             if s.get("img_size") != s.get("train_img_size") else "")
+    if s.get("test_crop", 1.0) != 1.0:
+        size += f", the central {s['test_crop']:g} of each side"
     lines = [f"{s['checkpoint']} ({s['arch']}, epoch {s.get('epoch')}) on {s['split']} of {s['data']}"
              f"{' with flip TTA' if s['tta'] else ''}{size}: {s['images']} images"
              + (f", {len(s['skipped'])} unreadable skipped" if s["skipped"] else ""),
@@ -371,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--img-size", type=data.parse_img_size, default=None,
                     help="with --checkpoint: test at this size (default: the training size); "
                          "for --arch/--compare: the input size (default 227)")
+    ap.add_argument("--test-crop", type=float, default=None, metavar="FRACTION",
+                    help="with --checkpoint: keep this fraction of each side around the centre (default: the "
+                         "checkpoint's --test-crop; 1 = the whole image)")
     ap.add_argument("--num-classes", type=int, default=DEFAULT_CLASSES, help="classifier size for --arch/--compare")
     ap.add_argument("--compare", nargs="+", metavar="ARCH_OR_RUN", help="table over architectures and run folders")
     ap.add_argument("--out", type=Path, help="with --compare: also write the table here")
@@ -402,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {}
         if args.checkpoint is not None:
             ev = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.tta, args.batch_size, args.device,
-                                     args.cache_dir, args.workers, args.out_dir, args.ghost_op, args.img_size)
+                                     args.cache_dir, args.workers, args.out_dir, args.ghost_op, args.img_size,
+                                     args.test_crop)
             report["metrics"] = ev["summary"]
             print(format_metrics(ev["summary"]))
             net, prep, name = ev["net"], ev["prep"], str(args.checkpoint)

@@ -98,7 +98,8 @@ def metadata(ckpt: dict[str, Any], source: str, fp16: bool) -> dict[str, str]:
         "preprocess": json.dumps(p),
         "precision": "float16" if fp16 else "float32",
         "input": f"images: float32 (N, {chans}, {height}, {width}); RGB (or gray) in [0, 1], "
-                 "squash-resized, then (x - mean) / std per channel when preprocess.normalize",
+                 "the central preprocess.test_crop of each side (1 = all of it) squash-resized, "
+                 "then (x - mean) / std per channel when preprocess.normalize",
         "output": "logits: float32 (N, num_classes); softmax for probabilities, index into class_names",
         "source": Path(source).name,
     }

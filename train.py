@@ -72,7 +72,7 @@ RECIPES: dict[str, dict] = {
     "study": {},
     "fast": dict(scheduler="cosine", warmup_epochs=2.0, lr=5e-3, wd=0.05, wd_norm_bias=False, ema=0.999,
                  zero_init_residual=True, dropout=0.1, patience=0, batch_size=64,
-                 augment=["flip", "resized_crop"], crop_scale=[0.35, 1.0], channels_last=True),
+                 augment=["flip", "resized_crop"], crop_scale=[0.35, 1.0], channels_last=True, test_crop=0.8),
 }
 DEMO_DATA = dict(num_classes=4, train_per_class=60, test_per_class=25)  # 240 train, 100 val images
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -757,7 +757,8 @@ def load_data(args: argparse.Namespace, env: Setup) -> Data:
         print(f"data: {spec.note}")
     print(f"data: {spec.root} ({spec.layout}), {len(spec.class_names)} classes, "
           f"{len(train_records)} train, {len(val_records)} {val_name}")
-    train_data = data.decode_cached(train_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="train")
+    train_data = data.decode_cached(train_records, prep.for_training(), cache_dir=args.cache_dir, workers=args.workers,
+                                    desc="train")
     val_data = data.decode_cached(val_records, prep, cache_dir=args.cache_dir, workers=args.workers, desc="val")
     if env.ddp and env.local_rank == 0:
         dist.barrier()

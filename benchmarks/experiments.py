@@ -189,6 +189,19 @@ def drop_overridden(argv: list[str]) -> list[str]:
     return out
 
 
+def without_out(argv: list[str]) -> list[str]:
+    """argv less its --out folder: a finished run folder moved elsewhere (trained in a scratch folder, then
+    committed under benchmarks/results/) is still the run its command describes."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--out":
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def plan(exp: Experiment, args: argparse.Namespace) -> Plan:
     run_dir = args.out / exp.name
     common = ["--data", show_path(args.data), "--out", show_path(args.out), "--name", exp.name,
@@ -237,7 +250,7 @@ def state(pl: Plan) -> str:
     rec = read_json(pl.run_dir / RECORD)
     if rec is not None:  # commands recorded before drop_overridden() list an overridden option twice
         recorded = drop_overridden(shlex.split(rec.get("train_command") or "")[1:])
-        if display(recorded) != display(pl.train):
+        if display(without_out(recorded)) != display(without_out(pl.train)):
             return "other"
     if rec and rec.get("train_rc") == 0:
         ev = read_json(pl.run_dir / EVAL_JSON)

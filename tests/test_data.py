@@ -248,6 +248,22 @@ def test_erase_background_and_box_outside_image(tmp_path):
     assert y.shape == (3, 8, 8)
 
 
+def test_test_crop_keeps_the_centre_and_training_images_stay_whole(tmp_path):
+    # blue 40x40 with a green square over 8..32: the central half of each side (10..30) is all green
+    _img(tmp_path / "i.png", (40, 40), (0, 0, 200), (8, 8, 32, 32), (0, 200, 0))
+    whole, centre = data.Preprocess(img_size=20), data.Preprocess(img_size=20, test_crop=0.5)
+    x = data.load_image(tmp_path / "i.png", centre)
+    assert (x[1] == 200).all() and (x[2] == 0).all()
+    assert (data.load_image(tmp_path / "i.png", whole)[2, 0] == 200).all()  # the blue border is in the whole image
+    assert centre.for_training() == whole and data.Preprocess.from_dict(centre.to_dict()) == centre
+    # caches of whole images keep their names; a crop is part of the key
+    assert "test_crop" not in whole.cache_key() and centre.cache_key()["test_crop"] == 0.5
+    dec = data.decode_cached([data.Record(str(tmp_path / "i.png"), 0, None)], centre, tmp_path / "c")
+    assert torch.equal(torch.as_tensor(np.array(dec.images[0])), x)
+    with pytest.raises(data.DataError, match="--test-crop 1.5 is outside"):
+        data.Preprocess(img_size=20, test_crop=1.5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # bad images, modes, cache
 

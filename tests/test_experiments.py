@@ -278,6 +278,12 @@ def test_a_record_that_lists_an_overridden_option_twice_is_the_same_run(tmp_path
     assert X.drop_overridden(old[1:]) == argv[1:]
     r = cli("--campaign", "recipes", "--dry-run", "--seeds", 1, "--out", tmp_path, "--fast-args", fast)
     assert "# fast_s0 (--recipe fast)  # trained" in r.stdout, r.stdout
+    # trained in a scratch folder and moved here (its --out names the scratch folder): still this run
+    record["train_command"] = shlex.join(old).replace(f"--out {tmp_path}", "--out ../exp_runs/scratch")
+    assert "../exp_runs/scratch" in record["train_command"]
+    (tmp_path / "fast_s0" / "experiment.json").write_text(json.dumps(record))
+    r = cli("--campaign", "recipes", "--dry-run", "--seeds", 1, "--out", tmp_path, "--fast-args", fast)
+    assert "# fast_s0 (--recipe fast)  # trained" in r.stdout, r.stdout
     record["train_command"] = new.replace("--epochs 32", "--epochs 31")  # really another run
     (tmp_path / "fast_s0" / "experiment.json").write_text(json.dumps(record))
     r = cli("--campaign", "recipes", "--dry-run", "--seeds", 1, "--out", tmp_path, "--fast-args", fast)

@@ -3,10 +3,12 @@ weights, parameter groups without weight decay on norms and biases, the --recipe
 exact resume with all of them after SIGKILL."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+import data
 import train
 from test_train import TIMING, kill_inside_epoch_2, read_rows, run_train
 
@@ -167,6 +169,27 @@ def test_fast_recipe_writes_ema_weights_to_best_and_final(tmp_path, tiny):
     at32, at40 = (json.loads((tmp_path / f"ev{s}.json").read_text())["metrics"] for s in ("32", "40"))
     assert (at40["img_size"], at40["train_img_size"], at32["img_size"]) == (40, 32, 32)
     assert at40["loss"] != at32["loss"]  # other pixels went in
+    # the fast recipe's test crop travels in the checkpoint: evaluation (and predict.py) use it unless told
+    assert final["preprocess"]["test_crop"] == train.RECIPES["fast"]["test_crop"] == at32["test_crop"]
+    assert evaluate.main(["--checkpoint", str(run / "final.pt"), "--data", str(data_dir), "--cache-dir", str(cache),
+                          "--test-crop", "1", "--no-efficiency", "--tta", "--json", str(tmp_path / "whole.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())["metrics"]
+    assert whole["test_crop"] == 1.0 and whole["loss"] != at32["loss"]
+
+
+def test_a_test_crop_cuts_validation_images_and_leaves_training_images_whole(tiny):
+    data_dir, cache = tiny
+    args, _ = train.parse_args(["--data", str(data_dir), "--cache-dir", str(cache), "--img-size", "32",
+                                "--test-crop", "0.6"])
+    env = train.Setup(rank=0, world=1, local_rank=0, ddp=False, device=torch.device("cpu"), backend=None,
+                      ghost_op="torch", amp_dtype=None, scaler=None)
+    d = train.load_data(args, env)
+    assert d.prep.test_crop == 0.6
+    first_train, first_val = d.train.paths[0], d.val.paths[0]
+    whole, centre = d.prep.for_training(), d.prep
+    assert torch.equal(torch.as_tensor(np.array(d.train.images[0])), data.load_image(first_train, whole))
+    assert torch.equal(torch.as_tensor(np.array(d.val.images[0])), data.load_image(first_val, centre))
+    assert not torch.equal(data.load_image(first_val, whole), data.load_image(first_val, centre))
 
 
 @pytest.mark.slow
@@ -216,7 +239,7 @@ STUDY_VALUES = dict(
     gamma=0.1, exp_base=0.975, plateau_factor=0.1, plateau_patience=10, min_lr=0.0, warmup_epochs=0.0, ema=0.0,
     wd_norm_bias=True, patience=15, early_stop_on="val_loss", amp=None, amp_dtype="auto", channels_last=False,
     compile=False, crop_bbox=False, bbox_margin=0.0, erase_background=False, grayscale=False, no_normalize=False,
-    mean=None, std=None, val_split=0.0, val_seed=None, augment=["flip", "affine", "jitter"], flip_p=0.5, degrees=25.0,
+    mean=None, std=None, val_split=0.0, val_seed=None, test_crop=1.0, augment=["flip", "affine", "jitter"], flip_p=0.5, degrees=25.0,
     translate=[0.1, 0.1], scale=[0.9, 1.1], shear=[8.0], jitter=[0.2, 0.2, 0.2, 0.1], rotation_degrees=15.0,
     perspective_scale=0.5, perspective_p=0.5, crop_scale=[0.08, 1.0], crop_ratio=[0.75, 4 / 3], interpolation="auto",
     erase=False, erase_p=0.5, erase_scale=[0.02, 0.33], erase_ratio=[0.3, 3.3], erase_value=0.0)
