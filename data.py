@@ -1092,6 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--erase-background", action="store_true")
     st.add_argument("--val-split", type=float, default=0.0)
     st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--val-seed", type=int, default=None, help="seed of the --val-split draw (default: --seed)")
     st.add_argument("--cache-dir", default=None)
     info = sub.add_parser("info", help="which layout was found, counts and classes")
     info.add_argument("--data", required=True)
@@ -1127,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         prep = Preprocess(img_size=args.img_size, grayscale=args.grayscale, crop_bbox=args.crop_bbox,
                           bbox_margin=args.bbox_margin, erase_background=args.erase_background)
-        train = make_splits(spec, args.val_split, args.seed)["train"]
+        train = make_splits(spec, args.val_split, holdout_seed(vars(args)))["train"]  # the images train.py trains on
         dec = decode_cached(train, prep, args.cache_dir, desc="train")
         mean, std = compute_stats(dec)
         print(f"{len(dec)} train images of {spec.root} at {size_text(args.img_size)}"

@@ -517,6 +517,12 @@ def test_make_demo_dataset_and_stats_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     mean = [float(v) for v in out.split("mean:")[1].split("\n")[0].split()]
     assert len(mean) == 3 and all(0 < m < 1 for m in mean) and "--std" in out
+    # with a hold-out, the statistics are those of the images train.py trains on: its --val-seed draw
+    def stats_line(*opts):
+        assert data.main(["stats", "--data", str(root), "--img-size", "16", "--cache-dir", str(tmp_path / "c"),
+                          "--val-split", "0.5", *opts]) == 0
+        return capsys.readouterr().out.split("mean:")[1].split("\n")[0]
+    assert stats_line("--seed", "3", "--val-seed", "5") == stats_line("--seed", "5") != stats_line("--seed", "3")
     assert data.main(["stats", "--data", str(tmp_path / "none")]) == 2
     assert "error:" in capsys.readouterr().err
 

@@ -151,6 +151,24 @@ def test_bbox_crops_first(tmp_path, capsys):
     assert [t["probability"] for t in with_box] == pytest.approx([t["probability"] for t in cropped], abs=2e-2)
 
 
+def test_the_checkpoints_test_crop_is_applied(tmp_path, capsys):
+    """A model trained with --test-crop 0.5 sees the central half of each side: predicting a photo equals
+    predicting that centre, cut out beforehand, with a whole-image model of the same weights."""
+    centre_model = make_checkpoint(tmp_path / "centre.pt", test_crop=0.5)
+    whole_model = make_checkpoint(tmp_path / "whole.pt")
+    big = car_image(tmp_path / "big.png", size=(128, 128))
+    Image.open(big).crop((32, 32, 96, 96)).save(tmp_path / "centre.png")
+    tops = []
+    for image, model in ((big, centre_model), (tmp_path / "centre.png", whole_model), (big, whole_model)):
+        rc, out, err = run_main([image, "--checkpoint", model, "--json", "--topk", "7"], capsys)
+        assert rc == 0, err
+        tops.append({t["index"]: t["probability"] for t in json.loads(out)["predictions"][0]["top"]})
+    # (a random model's probabilities are all near 1/7, so the gap is compared, not the values)
+    same = max(abs(tops[0][k] - tops[1][k]) for k in tops[0])
+    other = max(abs(tops[0][k] - tops[2][k]) for k in tops[0])  # the whole photo is another input
+    assert same < 1e-6 and other > 100 * max(same, 1e-7), (same, other)
+
+
 @pytest.mark.parametrize("bad", ["1,2,3", "a,b,c,d", "10,10,5,20"])
 def test_bad_bbox_option(ckpt, good, capsys, bad):
     rc, out, err = run_main([good, "--checkpoint", ckpt, "--bbox", bad], capsys)
