@@ -9,11 +9,11 @@ changes are paired (same weights, same images), so they are far steadier than di
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,20 +21,26 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
-def sweep(runs: list[Path], crops: list[float], data_dir: str | None) -> dict[str, dict[str, dict]]:
+def sweep(runs: list[Path], crops: list[float], data_dir: str | None, threads: int) -> dict[str, dict[str, dict]]:
+    """evaluate.py on each run's validation split at each crop, as a subprocess (the benchmarks never import the
+    evaluation script)."""
     out: dict[str, dict[str, dict]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             out[run.name] = {}
             for crop in crops:
-                with contextlib.redirect_stderr(io.StringIO()):  # tqdm bars of 555 images
-                    ev = evaluate.evaluate_checkpoint(run / "final.pt", data_dir, "val", out_dir=Path(tmp),
-                                                      test_crop=crop, workers=1)
-                s = ev["summary"]
+                js = Path(tmp) / "ev.json"
+                cmd = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(run / "final.pt"), "--split",
+                       "val", "--test-crop", f"{crop:g}", "--no-efficiency", "--workers", "1", "--out-dir", tmp,
+                       "--json", str(js)] + (["--data", data_dir] if data_dir else [])
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{run}: evaluate.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+                s = json.loads(js.read_text())["metrics"]
                 out[run.name][f"{crop:g}"] = {k: s[k] for k in ("top1", "top5", "loss", "images")}
                 print(f"{run.name} crop {crop:g}: top-1 {s['top1']:.2%} top-5 {s['top5']:.2%} loss {s['loss']:.4f}",
                       flush=True)
@@ -67,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    res = sweep(args.runs, args.crops, args.data)
+    res = sweep(args.runs, args.crops, args.data, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/test_crop_sweep.py " + " ".join(sys.argv[1:]), "started": started,
             "machine": platform.processor() or platform.machine(), "threads": args.threads,

@@ -150,3 +150,24 @@ def test_bench_data_splits_the_gain_into_cache_and_batched_augmentation(tmp_path
     # the two gains multiply to the total (up to the rounding of each to 2 decimals)
     assert abs(r["speedup_cache"] * r["speedup_batched_aug"] - r["speedup"]) < 0.05 * r["speedup"] + 0.02
     assert "batched-aug gain" in (tmp_path / "bench_data.md").read_text()
+
+
+def test_test_crop_sweep_scores_each_run_on_its_validation_split_at_each_crop(tmp_path):
+    import data
+    import test_crop_sweep
+    from test_evaluate import make_checkpoint
+    demo = data.make_demo_dataset(tmp_path / "demo", num_classes=3, train_per_class=8, test_per_class=2, seed=0)
+    names = data.find_dataset(demo).class_names
+    for run in ("a", "b"):
+        make_checkpoint(tmp_path / run / "final.pt", names, img_size=32, seed=ord(run),
+                        config={"data": str(demo), "val_split": 0.25, "seed": 0, "cache_dir": str(tmp_path / "c")})
+    out = tmp_path / "out"
+    assert test_crop_sweep.main([str(tmp_path / "a"), str(tmp_path / "b"), "--crops", "1", "0.5",
+                                 "--out", str(out)]) == 0
+    res = json.loads((out / "test_crop.json").read_text())["results"]
+    assert set(res) == {"a", "b"} and all(set(r) == {"1", "0.5"} for r in res.values())
+    assert all(r[c]["images"] == 6 for r in res.values() for c in r)  # 2 of each class's 8 held out
+    assert res["a"]["1"]["loss"] != res["a"]["0.5"]["loss"]  # the crop changed the pixels
+    md = (out / "test_crop.md").read_text()
+    change = (res["a"]["0.5"]["loss"] + res["b"]["0.5"]["loss"] - res["a"]["1"]["loss"] - res["b"]["1"]["loss"]) / 2
+    assert f"| mean change of loss against crop 1 (± sd over runs) | +0.00 ± 0.00 | {change:+.2f} ±" in md
