@@ -439,10 +439,13 @@ def environment(args: argparse.Namespace) -> dict:
         cpu = platform.processor() or platform.machine()
     import torch
     import torchvision
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform(),
             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__}
+    if str(args.device or "").startswith("cuda") and torch.cuda.is_available():  # the runs' own accelerator
+        info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    return info
 
 
 def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -> Path:
@@ -562,7 +565,8 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
          f"{' '.join(map(str, scaled_milestones(args.epochs)))}; fast: train.py's RECIPES['fast']"
          + (f" with `{args.fast_args}`" if args.fast_args else "") + ", evaluated with "
          f"{' '.join(FAST_EVAL) or 'no extra flags'}",
-         f"- machine: {env_info['cpu']}, {env_info['cores']} cores; {args.jobs} run(s) at a time, "
+         f"- machine: {env_info['cpu']}, {env_info['cores']} cores"
+         + (f", GPU {env_info['gpu']}" if env_info.get("gpu") else "") + f"; {args.jobs} run(s) at a time, "
          f"{env_info['threads']} torch thread(s) each (OMP_NUM_THREADS={env_info['OMP_NUM_THREADS']}); "
          f"{'the two recipes of a seed ran side by side, so their wall times share the same machine load' if args.jobs == 2 else 'one run after the other'}",
          f"- versions: Python {env_info['python']}, torch {env_info['torch']}, torchvision {env_info['torchvision']}; "

@@ -1,6 +1,7 @@
 """benchmarks/experiments.py: the experiment registry, its commands, and one tiny real run on synthetic data."""
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -365,3 +366,41 @@ def test_budget_curve_keeps_a_fast_args_campaign_as_its_own_series(tmp_path):
     assert "| 6.00 |" in rows[1] and "| 7.00 |" in rows[2]  # the two 40-epoch study runs are not pooled
     points = json.loads((tmp_path / "budget_curve.json").read_text())
     assert {p["fast_args"] for p in points} == {"", "--img-size 128 --epochs 32"} and len(points) == 6
+
+
+def test_environment_names_the_gpu_of_cuda_runs_only(monkeypatch):
+    import argparse
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 80GB")
+    assert X.environment(argparse.Namespace(device="cuda", threads=1))["gpu"] == "Fake GPU 80GB"
+    assert "gpu" not in X.environment(argparse.Namespace(device="cpu", threads=1))
+    assert "gpu" not in X.environment(argparse.Namespace(device=None, threads=1))  # auto: the record stays a CPU's
+
+
+def test_gpu_recipes_script_runs_on_cpu_and_bundles_without_checkpoints(smoke, tmp_path):
+    """benchmarks/gpu_recipes.sh (the GPU comparison at 227 px) end to end on the CPU with tiny settings: both
+    recipes' run folders, their tables, and the bundle a device machine hands back, without weights."""
+    import tarfile
+    _, _, argv = smoke
+    demo = argv[argv.index("--data") + 1]
+    out, res = tmp_path / "out", tmp_path / "res"
+    out.mkdir()
+    env = {**os.environ, "DEVICE": "cpu", "EPOCHS": "1", "IMG": "32", "SEED": "3", "GHOSTCARS_DATA": demo,
+           "OUT": str(out), "RESULTS_DIR": str(res), "GHOSTCARS_CACHE": str(tmp_path / "cache"),
+           "TRAIN_ARGS": "--batch-size 8 --workers 1"}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_recipes.sh")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    campaign = res / "recipes_32px_1ep_gpu_seed3"
+    results = json.loads((campaign / "results.json").read_text())
+    assert results["settings"]["seed"] == 3 and results["settings"]["jobs"] == 2
+    assert sorted(e["name"] for e in results["experiments"]) == ["fast_s0", "study_s0"]
+    assert all(e["state"] == "done" for e in results["experiments"])
+    with tarfile.open(out / "recipes_gpu.tar.gz") as tar:
+        names = tar.getnames()
+    for run in ("study_s0", "fast_s0"):
+        for f in ("metrics.csv", "config.json", "evaluate_test.json"):
+            assert f"recipes_32px_1ep_gpu_seed3/{run}/{f}" in names
+    assert "recipes_32px_1ep_gpu_seed3/results.md" in names and "recipes_32px_1ep_gpu_seed3/environment.txt" in names
+    assert not [n for n in names if n.endswith(".pt")]
