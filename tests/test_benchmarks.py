@@ -171,3 +171,4 @@ def test_test_crop_sweep_scores_each_run_on_its_validation_split_at_each_crop(tm
     md = (out / "test_crop.md").read_text()
     change = (res["a"]["0.5"]["loss"] + res["b"]["0.5"]["loss"] - res["a"]["1"]["loss"] - res["b"]["1"]["loss"]) / 2
     assert f"| mean change of loss against crop 1 (± sd over runs) | +0.00 ± 0.00 | {change:+.2f} ±" in md
+    assert "hold-out (6 images; one image is 16.67 points)" in md  # counted, not written in
