@@ -3,7 +3,7 @@
 # recipes campaign of benchmarks/experiments.py (all of cars_train, fixed length, final model scored on
 # cars_test), one seed per recipe, the two runs side by side on the one GPU (--jobs 2) so that they share
 # the machine's load. Sized for a short GPU loan: at 227 px and batch 64 a GhostNet step is bound by the
-# host's kernel launches, not by the GPU, so two runs at once take little longer than one.
+# host's kernel launches (bench_train_cuda.md: 45-49 ms a step on an H100), so two runs can share one GPU.
 #
 #   bash benchmarks/gpu_recipes.sh                                  # 40 epochs at 227 px on cuda
 #   GHOSTCARS_DATA=.gpudata EPOCHS=30 bash benchmarks/gpu_recipes.sh

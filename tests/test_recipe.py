@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import torch.nn as nn
 
 import data
 import train
-from test_train import TIMING, kill_inside_epoch_2, read_rows, run_train
+from test_train import REPO, TIMING, kill_inside_epoch_2, read_rows, run_train
 
 
 def test_lr_factor_warms_up_then_decays_to_about_zero():
@@ -271,10 +270,9 @@ def test_study_recipe_first_epoch_is_as_before(tmp_path, tiny):
     recorded numbers: the same code's loss moves in the second decimal between CPUs (1.239 on an Intel Xeon,
     1.272 on an AMD EPYC with the same torch), as much as a different seed does. One thread and the plain
     PyTorch GhostModule (the old tree has no built kernels) so that both runs sum in the same order."""
-    repo = Path(__file__).resolve().parents[1]
     old = tmp_path / "before_fast"
     old.mkdir()
-    archive = subprocess.run(["git", "-C", str(repo), "archive", BEFORE_FAST], capture_output=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_FAST], capture_output=True)
     if archive.returncode != 0:
         pytest.skip(f"no git history holding {BEFORE_FAST[:7]} (a shallow clone or a source copy): "
                     f"{archive.stderr.decode(errors='replace').strip()[:200]}")
@@ -285,7 +283,7 @@ def test_study_recipe_first_epoch_is_as_before(tmp_path, tiny):
               "--deterministic", "--device", "cpu", "--seed", 3, "--threads", 1, "--ghost-op", "torch",
               "--workers", 0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, tree in (("before", old), ("now", repo)):
+    for name, tree in (("before", old), ("now", REPO)):
         proc = subprocess.run([sys.executable, str(tree / "train.py"), *map(str, common), "--name", name,
                                "--cache-dir", str(tmp_path / f"cache_{name}")], cwd=tree, env=env,
                               capture_output=True, text=True, timeout=300)
