@@ -1,16 +1,16 @@
 """Batched augmentation: whole uint8 batches on the training device, each image with its own random
 parameters, in one vectorised pass. Every op is the same math as torchvision.transforms.v2.functional
 (tests/test_augment.py compares them image by image); BatchTransform also scales and normalises, with the
-very tensors of data.Preprocess.scale_shift that inference uses (Preprocess.to_model_input): evaluate.py,
+very tensors of images.Preprocess.scale_shift that inference uses (Preprocess.to_model_input): evaluate.py,
 predict.py and export.py never import this module.
 
     BatchTransform(prep, augment, erase)(uint8 (B, C, S, S), train=True, generator=g) -> float32 batch
 
-add_augment_args / augment_from_args are the command-line options (train.py).
+augment_from_config turns the augment section of a run's configuration (config.AugmentConfig, where every
+default lives) into the parameters BatchTransform takes.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -18,22 +18,14 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from data import DataError, Preprocess
+from config import AUG_NAMES, AugmentConfig
+from data import DataError
+from images import Preprocess
 
 
-AUG_NAMES = ("flip", "affine", "jitter", "rotation", "perspective", "resized_crop")
 GEOMETRIC = ("flip", "affine", "rotation", "perspective", "resized_crop")  # applied in this order
-AUG_DEFAULTS: dict[str, dict] = {
-    "flip": {"p": 0.5},
-    # torchvision's defaults: NEAREST for affine/rotation, BILINEAR for perspective/resized crop; fill 0
-    "affine": {"degrees": 25.0, "translate": (0.1, 0.1), "scale": (0.9, 1.1), "shear": 8.0, "interpolation": "nearest"},
-    "jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1},
-    "rotation": {"degrees": 15.0, "interpolation": "nearest"},
-    "perspective": {"p": 0.5, "distortion_scale": 0.5, "interpolation": "bilinear"},
-    "resized_crop": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "interpolation": "bilinear"},
-}
-DEFAULT_AUGMENT = ("flip", "affine", "jitter")  # the reference's best
-ERASE_DEFAULTS = {"p": 0.5, "scale": (0.02, 0.33), "ratio": (0.3, 3.3), "value": 0.0}
+# torchvision's defaults: NEAREST for affine/rotation, BILINEAR for perspective/resized crop; fill 0
+INTERPOLATION = {"affine": "nearest", "rotation": "nearest", "perspective": "bilinear", "resized_crop": "bilinear"}
 
 
 def _range(v: Any, center: float = 0.0, lo: float | None = None) -> tuple[float, float]:
@@ -45,17 +37,14 @@ def _range(v: Any, center: float = 0.0, lo: float | None = None) -> tuple[float,
 
 
 def resolve_augment(augment: dict | Sequence[str] | None) -> dict[str, dict]:
-    """Fill in defaults: {"flip": {}} -> {"flip": {"p": 0.5}}; a list of names takes all defaults."""
+    """Fill in config.AugmentConfig's defaults: {"flip": {}} -> {"flip": {"p": 0.5}}; a list of names takes
+    all defaults."""
     if not augment:
         return {}
+    defaults, _ = augment_from_config(AugmentConfig(augment=list(augment)))  # unknown names fail here
     if not isinstance(augment, dict):
-        augment = {n: {} for n in augment}
-    out = {}
-    for name, params in augment.items():
-        if name not in AUG_DEFAULTS:
-            raise DataError(f"unknown augmentation '{name}'; choose from: {' '.join(AUG_NAMES)} (or none)")
-        out[name] = {**AUG_DEFAULTS[name], **(params or {})}
-    return out
+        return defaults
+    return {name: {**defaults[name], **(params or {})} for name, params in augment.items()}
 
 
 def affine_inverse_matrices(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor,
@@ -305,7 +294,7 @@ class BatchTransform:
                  erase: dict | None = None) -> None:
         self.prep = prep
         self.augment = resolve_augment(augment)
-        self.erase = {**ERASE_DEFAULTS, **erase} if erase is not None else None
+        self.erase = {**_erase_params(AugmentConfig()), **erase} if erase is not None else None
         geo = [n for n in GEOMETRIC if n in self.augment and n != "flip"]
         self.mode = ("bilinear" if any(self.augment[n].get("interpolation") == "bilinear" for n in geo)
                      else "nearest")
@@ -477,37 +466,12 @@ class BatchTransform:
         return out
 
 # ----------------------------------------------------------------------------------------------------------
-# Command-line options (train.py)
+# A run's augment options -> BatchTransform's parameters
 
-def add_augment_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("augmentation")
-    g.add_argument("--augment", nargs="+", default=list(DEFAULT_AUGMENT), metavar="NAME",
-                   help=f"train-time augmentations: {' '.join(AUG_NAMES)}, or none (default: flip affine jitter, "
-                        "the reference's best)")
-    g.add_argument("--flip-p", type=float, default=0.5, help="horizontal flip probability")
-    g.add_argument("--degrees", type=float, default=25.0, help="affine rotation range +-degrees")
-    g.add_argument("--translate", type=float, nargs="+", default=[0.1, 0.1], help="affine max shift (fraction) x [y]")
-    g.add_argument("--scale", type=float, nargs=2, default=[0.9, 1.1], help="affine scale range")
-    g.add_argument("--shear", type=float, nargs="+", default=[8.0], help="affine shear: d | xmin xmax | x0 x1 y0 y1")
-    g.add_argument("--jitter", type=float, nargs=4, default=[0.2, 0.2, 0.2, 0.1], metavar=("B", "C", "S", "H"),
-                   help="colour jitter brightness contrast saturation hue")
-    g.add_argument("--rotation-degrees", type=float, default=15.0, help="'rotation' range +-degrees")
-    g.add_argument("--perspective-scale", type=float, default=0.5, help="'perspective' distortion scale")
-    g.add_argument("--perspective-p", type=float, default=0.5, help="'perspective' probability")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0], help="'resized_crop' area range")
-    g.add_argument("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3],
-                   help="'resized_crop' aspect range (width/height), relative to the input's shape: 1 keeps it")
-    g.add_argument("--interpolation", choices=["auto", "nearest", "bilinear"], default="auto",
-                   help="geometric resampling (auto: torchvision's default of each op; nearest for flip+affine)")
-    g.add_argument("--erase", action="store_true", help="random erasing after normalization")
-    g.add_argument("--erase-p", type=float, default=0.5)
-    g.add_argument("--erase-scale", type=float, nargs=2, default=[0.02, 0.33])
-    g.add_argument("--erase-ratio", type=float, nargs=2, default=[0.3, 3.3])
-    g.add_argument("--erase-value", type=float, default=0.0, help="erased value (after normalization: 0 = mean)")
-
-
-def augment_from_args(args: argparse.Namespace) -> tuple[dict | None, dict | None]:
-    names = [n.lower().replace("-", "_") for n in (args.augment or [])]
+def augment_from_config(a: AugmentConfig) -> tuple[dict | None, dict | None]:
+    """(augment, erase): each named augmentation with its parameters, random erasing's or None. Raises
+    DataError for an unknown name or a parameter that can't work."""
+    names = [n.lower().replace("-", "_") for n in (a.augment or [])]
     if "none" in names:
         if len(names) > 1:
             raise DataError(f"--augment none cannot be combined with {' '.join(n for n in names if n != 'none')}")
@@ -515,28 +479,29 @@ def augment_from_args(args: argparse.Namespace) -> tuple[dict | None, dict | Non
     bad = [n for n in names if n not in AUG_NAMES]
     if bad:
         raise DataError(f"unknown augmentation '{bad[0]}'; choose from: {' '.join(AUG_NAMES)} (or none)")
-    tr = list(args.translate)
+    tr = list(a.translate)
     if len(tr) not in (1, 2):
         raise DataError(f"--translate takes 1 or 2 values, got {len(tr)}")
-    if len(args.shear) not in (1, 2, 4):
-        raise DataError(f"--shear takes 1, 2 or 4 values, got {len(args.shear)}")
+    if len(a.shear) not in (1, 2, 4):
+        raise DataError(f"--shear takes 1, 2 or 4 values, got {len(a.shear)}")
     params = {
-        "flip": {"p": args.flip_p},
-        "affine": {"degrees": args.degrees, "translate": (tr[0], tr[-1]), "scale": tuple(args.scale),
-                   "shear": args.shear[0] if len(args.shear) == 1 else tuple(args.shear)},
-        "jitter": dict(zip(("brightness", "contrast", "saturation", "hue"), args.jitter)),
-        "rotation": {"degrees": args.rotation_degrees},
-        "perspective": {"p": args.perspective_p, "distortion_scale": args.perspective_scale},
-        "resized_crop": {"scale": tuple(args.crop_scale), "ratio": tuple(args.crop_ratio)},
+        "flip": {"p": a.flip_p},
+        "affine": {"degrees": a.degrees, "translate": (tr[0], tr[-1]), "scale": tuple(a.scale),
+                   "shear": a.shear[0] if len(a.shear) == 1 else tuple(a.shear)},
+        "jitter": dict(zip(("brightness", "contrast", "saturation", "hue"), a.jitter)),
+        "rotation": {"degrees": a.rotation_degrees},
+        "perspective": {"p": a.perspective_p, "distortion_scale": a.perspective_scale},
+        "resized_crop": {"scale": tuple(a.crop_scale), "ratio": tuple(a.crop_ratio)},
     }
-    interp = getattr(args, "interpolation", "auto")
     augment = {}
     for n in names:
-        augment[n] = {**AUG_DEFAULTS[n], **params[n]}
-        if interp != "auto" and "interpolation" in augment[n]:
-            augment[n]["interpolation"] = interp
-    if not 0 <= args.jitter[3] <= 0.5:
-        raise DataError(f"--jitter hue {args.jitter[3]} must be in [0, 0.5]")
-    erase = ({"p": args.erase_p, "scale": tuple(args.erase_scale), "ratio": tuple(args.erase_ratio),
-              "value": args.erase_value} if args.erase else None)
-    return (augment or None), erase
+        augment[n] = dict(params[n])
+        if n in INTERPOLATION:
+            augment[n]["interpolation"] = INTERPOLATION[n] if a.interpolation == "auto" else a.interpolation
+    if not 0 <= a.jitter[3] <= 0.5:
+        raise DataError(f"--jitter hue {a.jitter[3]} must be in [0, 0.5]")
+    return (augment or None), (_erase_params(a) if a.erase else None)
+
+
+def _erase_params(a: AugmentConfig) -> dict:
+    return {"p": a.erase_p, "scale": tuple(a.erase_scale), "ratio": tuple(a.erase_ratio), "value": a.erase_value}

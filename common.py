@@ -4,6 +4,8 @@ writes. Imported by train, evaluate, predict, export, serve and the benchmarks; 
 from __future__ import annotations
 
 import errno
+import signal
+import threading
 import os
 import platform
 import sys
@@ -89,6 +91,10 @@ def time_models(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tens
     return times
 
 
+class UsageError(Exception):
+    """A problem with the options or the launch that the user fixes: one line naming the fix (exit 2)."""
+
+
 class WriteError(Exception):
     """A file could not be written (full disk, read-only folder, I/O error): one line naming it and the fix."""
 
@@ -130,3 +136,27 @@ def atomic_save(obj, path: Path) -> None:
 
 def atomic_write_text(text: str, path: Path) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1, a cluster's notice before it reclaims the node (SLURM sends SIGUSR1 ahead of time
+    with --signal, Kubernetes and spot instances SIGTERM): the loop finishes the step it is in, saves last.pt
+    at that step, prints the resume command and exits 128 + the signal (143 for SIGTERM). Installed for
+    one-process runs; under torchrun the ranks would stop at different steps, so there a signal ends the
+    processes as usual and torchrun's restart resumes from the last completed epoch (README 'Reliability')."""
+    NAMES = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, install: bool = True) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict = {}
+        if install and threading.current_thread() is threading.main_thread():  # handlers live in the main thread
+            for name in self.NAMES:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._note)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum)

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import images
 import model as M
+import tracking
+from runs import CheckpointError, config_of, load_checkpoint, model_from_checkpoint, read_metrics
 from common import cpu_name, pick_device, time_models
 
 DEFAULT_CLASSES = 196  # Stanford Cars; only used when an architecture is measured without a checkpoint
@@ -32,8 +35,10 @@ DEFAULT_CLASSES = 196  # Stanford Cars; only used when an architecture is measur
 # ----------------------------------------------------------------------------------------------
 # efficiency
 
-def static_figures(net: torch.nn.Module, img_size: int | tuple[int, int], in_channels: int) -> dict[str, Any]:
+def static_figures(net: torch.nn.Module, img_size: int | tuple[int, int] | images.ImageSize,
+                   in_channels: int) -> dict[str, Any]:
     """Parameters (as trained), weight size of the BN-folded model and multiply-adds."""
+    size = images.ImageSize.of(img_size)
     fused = M.fuse_for_inference(net)
     # size of what inference ships: the folded model's tensors (BN gone, its scale folded in the conv)
     n_fused = sum(t.numel() for t in fused.state_dict().values() if t.is_floating_point())
@@ -41,20 +46,20 @@ def static_figures(net: torch.nn.Module, img_size: int | tuple[int, int], in_cha
         "params": M.count_params(net),
         "size_mb_fp32": n_fused * 4 / 2**20,
         "size_mb_fp16": n_fused * 2 / 2**20,
-        "macs": M.count_macs(net, data.size_hw(img_size), in_channels),
-        "img_size": img_size,
+        "macs": M.count_macs(net, size.hw, in_channels),
+        "img_size": size.json(),  # S or [height, width], whichever form came in
         "in_channels": in_channels,
     }
 
 
-def speed_figures(fused: dict[str, torch.nn.Module], img_size: dict[str, int | tuple[int, int]],
+def speed_figures(fused: dict[str, torch.nn.Module], img_size: dict[str, int | tuple[int, int] | images.ImageSize],
                   in_channels: dict[str, int],
                   device: torch.device, runs: int = 30, batch: int = 32, batch_runs: int | None = None,
                   desc: str = "") -> dict[str, dict[str, float]]:
     """Latency at batch 1 (median of `runs`) and throughput at `batch` for already-fused models on `device`."""
     batch_runs = batch_runs or max(5, runs // 3)
     mods = {n: m.to(device).eval() for n, m in fused.items()}
-    hw = {n: data.size_hw(img_size[n]) for n in mods}
+    hw = {n: images.ImageSize.of(img_size[n]).hw for n in mods}
     x1 = {n: torch.randn(1, in_channels[n], *hw[n], device=device) for n in mods}
     xb = {n: torch.randn(batch, in_channels[n], *hw[n], device=device) for n in mods}
     t1 = time_models(mods, x1, runs, desc=f"{desc} batch 1".strip())
@@ -67,8 +72,8 @@ def speed_figures(fused: dict[str, torch.nn.Module], img_size: dict[str, int | t
     return out
 
 
-def efficiency(net: torch.nn.Module, img_size: int | tuple[int, int], in_channels: int = 3, runs: int = 30,
-               cuda: bool = True) -> dict[str, Any]:
+def efficiency(net: torch.nn.Module, img_size: int | tuple[int, int] | images.ImageSize, in_channels: int = 3,
+               runs: int = 30, cuda: bool = True) -> dict[str, Any]:
     """Everything of point 2 for one model: static figures, CPU (and CUDA when present) speed."""
     fig = static_figures(net, img_size, in_channels)
     fused = M.fuse_for_inference(net)
@@ -87,7 +92,7 @@ def _threads(n: int) -> str:
 
 
 def format_efficiency(name: str, fig: dict[str, Any]) -> str:
-    lines = [f"efficiency of {name} at {data.size_text(fig['img_size'])}x{fig['in_channels']} (BN folded):",
+    lines = [f"efficiency of {name} at {images.ImageSize.of(fig['img_size']).text}x{fig['in_channels']} (BN folded):",
              f"  parameters        {fig['params']:,} ({fig['params'] / 1e6:.2f} M)",
              f"  weights           {fig['size_mb_fp32']:.2f} MB float32, {fig['size_mb_fp16']:.2f} MB float16",
              f"  multiply-adds     {fig['macs'] / 1e6:.1f} M"]
@@ -105,14 +110,14 @@ def format_efficiency(name: str, fig: dict[str, Any]) -> str:
 # accuracy
 
 @torch.inference_mode()
-def run_split(net: torch.nn.Module, decoded: "data.Decoded", prep: "data.Preprocess", device: torch.device,
+def run_split(net: torch.nn.Module, decoded: "images.Decoded", prep: "images.Preprocess", device: torch.device,
               batch_size: int = 64, tta: bool = False) -> torch.Tensor:
     """Class probabilities (N, K) in decoded order; --tta averages them with the mirrored image's."""
-    loader = data.BatchLoader(decoded, batch_size, shuffle=False, drop_last=False, device=device)
+    loader = images.BatchLoader(decoded, batch_size, shuffle=False, drop_last=False, device=device)
     from tqdm import tqdm
     probs = []
-    for images, _ in tqdm(loader, desc="evaluate", leave=False, file=sys.stderr):
-        x = prep.to_model_input(images)
+    for u8, _ in tqdm(loader, desc="evaluate", leave=False, file=sys.stderr):
+        x = prep.to_model_input(u8)
         p = F.softmax(net(x).float(), dim=1)
         if tta:
             p = (p + F.softmax(net(x.flip(3)).float(), dim=1)) / 2
@@ -216,19 +221,19 @@ def write_outputs(out_dir: Path, res: dict[str, Any], files: list[str], labels: 
 def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "test", tta: bool = False,
                         batch_size: int = 64, device: str = "auto", cache_dir: str | None = None,
                         workers: int | None = None, out_dir: Path | None = None,
-                        ghost_op: str = "auto", img_size: int | tuple[int, int] | None = None,
+                        ghost_op: str = "auto", img_size: int | tuple[int, int] | images.ImageSize | None = None,
                         test_crop: float | None = None) -> dict[str, Any]:
     """Accuracy of a checkpoint on a split. img_size: decode the images at this size instead of the
     training size. test_crop: keep this fraction of each side around the centre instead of the checkpoint's
     own --test-crop. Both answer the same discrepancy (Touvron et al., "Fixing the train-test resolution
     discrepancy"): random resized crops show objects larger in training than whole test images do."""
-    ckpt = M.load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
     class_names = list(ckpt["class_names"])
-    cfg = ckpt.get("config") or {}
-    data_dir = data_dir or cfg.get("data")
+    cfg = config_of(ckpt)
+    data_dir = data_dir or cfg.run.data
     if not data_dir:
         raise data.DataError(f"{ckpt_path}: no --data given and the checkpoint's config names none; pass --data DIR")
-    prep = data.Preprocess.from_dict(ckpt["preprocess"])
+    prep = images.Preprocess.from_dict(ckpt["preprocess"])
     train_size = prep.img_size
     if img_size is not None:
         prep = dataclasses.replace(prep, img_size=img_size)  # (a 4:3 model is tested at 4:3 sizes)
@@ -239,16 +244,17 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
         raise data.DataError(f"{spec.root}: its {len(spec.class_names)} class names differ from the checkpoint's "
                              f"{len(class_names)}; evaluate on the dataset the model was trained on")
     # the checkpoint's own hold-out, so "val" is the split the run was selected on
-    val_split = float(cfg.get("val_split", 0.0) or 0.0)
-    seed = data.holdout_seed(cfg)
+    val_split = cfg.data.val_split
+    seed = data.holdout_seed(cfg.flat())
     splits = data.make_splits(spec, val_split=val_split, seed=seed)
     if split not in splits:
         raise ValueError(f"--split {split}: choose one of {', '.join(splits)}")
     records = splits[split]
-    decoded = data.decode_cached(records, prep, cache_dir=cache_dir if cache_dir is not None else cfg.get("cache_dir"),
-                                 workers=workers, desc=f"decode {split}")
+    decoded = images.decode_cached(records, prep,
+                                   cache_dir=cache_dir if cache_dir is not None else cfg.run.cache_dir,
+                                   workers=workers, desc=f"decode {split}")
     dev = pick_device(device)
-    net = M.model_from_checkpoint(ckpt, ghost_op=ghost_op)
+    net = model_from_checkpoint(ckpt, ghost_op=ghost_op)
     fused = M.fuse_for_inference(net).to(dev)
     probs = run_split(fused, decoded, prep, dev, batch_size=batch_size, tta=tta)
     labels = torch.as_tensor(decoded.labels).long()
@@ -262,17 +268,22 @@ def evaluate_checkpoint(ckpt_path: Path, data_dir: str | None, split: str = "tes
             files.append(str(p))
     out_dir = out_dir or ckpt_path.parent
     written = write_outputs(out_dir, res, files, labels, class_names, split)
+    png = [p for p in written if p.suffix == ".png"]
+    if png and cfg.run.tensorboard:  # the picture beside the run's curves: tensorboard --logdir runs
+        tracking.add_confusion_image(out_dir, png[0])
     summary = {k: v for k, v in res.items() if k not in ("confusion", "pred", "rank", "true_p", "pred_p")}
     summary.update(checkpoint=str(ckpt_path), arch=ckpt["arch"], data=str(spec.root), split=split, tta=tta,
-                   img_size=data.size_json(prep.img_size), train_img_size=data.size_json(train_size),
+                   img_size=prep.size.json(), train_img_size=images.ImageSize.of(train_size).json(),
                    test_crop=prep.test_crop, val_split=val_split, seed=seed, skipped=[list(s) for s in decoded.skipped],
                    files=[str(p) for p in written], epoch=ckpt.get("epoch"))
     return {"summary": summary, "net": net, "prep": prep, "ckpt": ckpt}
 
 
 def format_metrics(s: dict[str, Any]) -> str:
-    size = (f" at {data.size_words(s['img_size'])} (trained at {data.size_words(s['train_img_size'])})"
-            if s.get("img_size") != s.get("train_img_size") else "")
+    size = ""
+    if s.get("img_size") != s.get("train_img_size"):
+        at, trained = (images.ImageSize.of(s[k]).words for k in ("img_size", "train_img_size"))
+        size = f" at {at} (trained at {trained})"
     if s.get("test_crop", 1.0) != 1.0:
         size += f", the central {s['test_crop']:g} of each side"
     lines = [f"{s['checkpoint']} ({s['arch']}, epoch {s.get('epoch')}) on {s['split']} of {s['data']}"
@@ -293,24 +304,21 @@ def format_metrics(s: dict[str, Any]) -> str:
 
 def _run_accuracy(run_dir: Path, ckpt: dict[str, Any]) -> tuple[float | None, str]:
     """Best validation accuracy of a run: metrics.csv when present, else the checkpoint's 'best'."""
-    mfile = run_dir / "metrics.csv"
-    if mfile.exists():
-        try:
-            with open(mfile) as f:
-                rows = [r for r in csv.DictReader(f) if r.get("val_acc") not in (None, "")]
-            if rows:
-                best = max(rows, key=lambda r: float(r["val_acc"]))
-                return float(best["val_acc"]), f"metrics.csv epoch {best.get('epoch')}"
-        except (OSError, ValueError, KeyError):
-            pass
+    try:
+        rows = [r for r in read_metrics(run_dir / "metrics.csv") if "val_acc" in r]
+    except (OSError, ValueError, KeyError):
+        rows = []
+    if rows:
+        best = max(rows, key=lambda r: r["val_acc"])
+        return best["val_acc"], f"metrics.csv epoch {best.get('epoch')}"
     best = ckpt.get("best") or {}
     if best.get("val_acc") is not None:
         return float(best["val_acc"]), f"best.pt epoch {best.get('epoch')}"
     return None, ""
 
 
-def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CLASSES, runs: int = 30,
-            ghost_op: str = "auto") -> str:
+def compare(items: list[str], img_size: int | images.ImageSize = 227, num_classes: int = DEFAULT_CLASSES,
+            runs: int = 30, ghost_op: str = "auto") -> str:
     """One markdown table over architectures and run folders / checkpoints; CPU timings interleaved."""
     rows: list[dict[str, Any]] = []
     nets: dict[str, torch.nn.Module] = {}
@@ -325,8 +333,8 @@ def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CL
             if not p.exists():
                 raise ValueError(f"{item}: neither an architecture ({', '.join(M.ARCHS)}) nor a run folder "
                                  f"with best.pt / a checkpoint file")
-            ckpt = M.load_checkpoint(p)
-            net = M.model_from_checkpoint(ckpt, ghost_op=ghost_op)
+            ckpt = load_checkpoint(p)
+            net = model_from_checkpoint(ckpt, ghost_op=ghost_op)
             prep = ckpt["preprocess"]
             acc, src = _run_accuracy(p.parent, ckpt)
             row = {"name": str(p.parent.name if p.name == "best.pt" else p), "arch": ckpt["arch"],
@@ -348,7 +356,7 @@ def compare(items: list[str], img_size: int = 227, num_classes: int = DEFAULT_CL
     for r in rows:
         s = speed[r["key"]]
         acc = f"{r['acc']:.2%} ({r['acc_from']})" if r["acc"] is not None else "-"
-        out.append(f"| {r['name']} | {r['arch']} | {data.size_words(r['img'])} | {r['params'] / 1e6:.2f} | "
+        out.append(f"| {r['name']} | {r['arch']} | {images.ImageSize.of(r['img']).words} | {r['params'] / 1e6:.2f} | "
                    f"{r['size_mb_fp32']:.2f} | "
                    f"{r['size_mb_fp16']:.2f} | {r['macs'] / 1e6:.0f} | {s['latency_ms']:.2f} | "
                    f"{s['throughput']:.1f} | {acc} |")
@@ -373,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", help="decode cache folder (default: the checkpoint's)")
     ap.add_argument("--workers", type=int, help="decode processes")
     ap.add_argument("--arch", help=f"efficiency of an architecture without a checkpoint: {', '.join(M.ARCHS)}")
-    ap.add_argument("--img-size", type=data.parse_img_size, default=None,
+    ap.add_argument("--img-size", type=images.ImageSize.parse, default=None,
                     help="with --checkpoint: test at this size (default: the training size); "
                          "for --arch/--compare: the input size (default 227)")
     ap.add_argument("--test-crop", type=float, default=None, metavar="FRACTION",
@@ -428,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=2, default=str))
             print(f"wrote {args.json}", file=sys.stderr)
         return 0
-    except (M.CheckpointError, data.DataError, data.ImageError, ValueError, OSError) as e:
+    except (CheckpointError, data.DataError, images.ImageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -39,7 +39,10 @@ import torch.nn as nn
 
 import data
 import model as M
+from runs import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
 from common import time_models
+# names, not the module: verify_inputs takes a parameter called images
+from images import ImageError, ImageSize, Preprocess, load_image
 
 METADATA_FILE = "ghostcars.json"            # name inside the .pt2 archive (torch.export.save extra_files)
 # Tolerances on the logits, as max|exported - pytorch| / max|pytorch| per image (an element-wise ratio
@@ -77,7 +80,7 @@ class AppModel(nn.Module):
 
 def app_model(ckpt: dict[str, Any], fp16: bool = False) -> AppModel:
     """BN-folded, ghost op lowered to plain PyTorch ops (exportable anywhere), eval mode."""
-    net = M.model_from_checkpoint(ckpt, ghost_op="torch")
+    net = model_from_checkpoint(ckpt, ghost_op="torch")
     fused = M.fuse_for_inference(net)
     M.set_ghost_op(fused, "torch")          # the copy keeps the setting, but say it: the export needs it
     return AppModel(fused, fp16).eval()
@@ -87,11 +90,11 @@ def metadata(ckpt: dict[str, Any], source: str, fp16: bool) -> dict[str, str]:
     """String key/values (ONNX metadata_props only hold strings); JSON where the value is structured."""
     # The checkpoint's dict with its defaults resolved (e.g. grayscale with RGB stats -> gray stats), so
     # an app that preprocesses by hand reads the values training really used.
-    p = {**ckpt["preprocess"], **data.Preprocess.from_dict(ckpt["preprocess"]).to_dict()}
+    p = {**ckpt["preprocess"], **Preprocess.from_dict(ckpt["preprocess"]).to_dict()}
     chans = 1 if p["grayscale"] else 3
-    height, width = data.size_hw(p["img_size"])
+    height, width = ImageSize.of(p["img_size"]).hw
     return {
-        "format": M.CHECKPOINT_FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "arch": str(ckpt["arch"]),
         "num_classes": str(int(ckpt["num_classes"])),
         "class_names": json.dumps(list(ckpt["class_names"])),
@@ -253,10 +256,10 @@ def find_images(paths: list[str], limit: int) -> list[Path]:
 
 def verify_inputs(prep_dict: dict[str, Any], images: list[str], count: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """Normalized float32 (count, C, H, W) through the same preprocessing predict.py uses."""
-    prep = data.Preprocess.from_dict(prep_dict)
+    prep = Preprocess.from_dict(prep_dict)
     files = find_images(images, count) if images else []
     if files:
-        u8 = torch.stack([data.load_image(str(f), prep) for f in files])
+        u8 = torch.stack([load_image(str(f), prep) for f in files])
         what = f"{len(files)} images from {images[0] if len(images) == 1 else 'the given paths'}"
     else:                                   # synthetic: smooth colour blobs, not white noise, so the
         g = torch.Generator().manual_seed(seed)  # activations look roughly like a photo's
@@ -296,11 +299,11 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
            verify: bool = True, threads: int | None = None, runs: int = 50,
            log: Callable[[str], None] = print) -> dict[str, Any]:
     """Export, verify and time; returns what it printed as a dict. Raises ExportError / VerifyError /
-    model.CheckpointError / data.DataError / data.ImageError with one-line messages."""
+    CheckpointError / data.DataError / images.ImageError with one-line messages."""
     if fmt == "onnx":
         require_onnx()                      # before the slow work, so the hint comes at once
     ckpt_path = Path(ckpt_path)
-    ckpt = M.load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
     out = Path(out) if out else default_out(ckpt_path, fmt, fp16)
     if out.resolve() == ckpt_path.resolve():
         raise ExportError(f"{out}: --out would overwrite the checkpoint; choose another file")
@@ -323,7 +326,8 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     info.update(path=str(out), size_mb=out.stat().st_size / 2**20, export_s=time.perf_counter() - t0)
     log(f"wrote {out} ({info['size_mb']:.2f} MB, {fmt}{', opset ' + str(info['opset']) if fmt == 'onnx' else ''}, "
         f"{meta['precision']}, batch {batch}, {info['export_s']:.1f} s) "
-        f"arch={meta['arch']} classes={meta['num_classes']} img_size={data.size_text(ckpt['preprocess']['img_size'])}")
+        f"arch={meta['arch']} classes={meta['num_classes']} "
+        f"img_size={ImageSize.of(ckpt['preprocess']['img_size']).text}")
     log(f"  operators: {' '.join(info['op_types'])}")
     if fmt == "pt2":
         log(f"  metadata: inside the archive ({METADATA_FILE}) and {info['sidecar']}")
@@ -333,7 +337,7 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     # The reference is the checkpoint's own model, unfused, float32, with the plain-PyTorch ghost op
     # (the op's oracle), so the check covers BN folding, the lowering and the format in one comparison
     # and does not depend on whether (or how well) the extension is built here.
-    ref_net = M.model_from_checkpoint(ckpt, ghost_op="torch").eval()
+    ref_net = model_from_checkpoint(ckpt, ghost_op="torch").eval()
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = ref_net(x).float()
@@ -397,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except VerifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ExportError, M.CheckpointError, data.DataError, data.ImageError) as e:
+    except (ExportError, CheckpointError, data.DataError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

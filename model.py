@@ -1,6 +1,6 @@
 """Models: GhostNet (the reference work's variant and the official Huawei / timm layout), the
-torchvision peers it is compared against, BN folding for inference, size/cost counters and the
-checkpoint loader every script shares.
+torchvision peers it is compared against, BN folding for inference and size/cost counters (checkpoints:
+runs.py).
 
 GhostNet: Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020
 (https://arxiv.org/abs/1911.11907). Part names follow timm's models/ghostnet.py (conv_stem, bn1,
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,13 +26,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_
 import ghost_ext
 
 __all__ = ["ARCHS", "GHOST_OPS", "build_model", "set_ghost_op", "fuse_for_inference", "count_params",
-           "count_macs", "CheckpointError", "load_checkpoint", "model_from_checkpoint",
+           "count_macs",
            "GhostNet", "GhostModule", "GhostBottleneck"]
 
 ARCHS: tuple[str, ...] = ("ghostnet", "ghostnet_official", "mobilenet_v2", "mobilenet_v3_small",
                           "mobilenet_v3_large", "shufflenet_v2_x1_0", "efficientnet_b0", "mnasnet1_0",
                           "squeezenet1_1", "resnet18")
-GHOST_OPS: tuple[str, ...] = ("auto", "ext", "torch")
+GHOST_OPS: tuple[str, ...] = ghost_ext.IMPLS  # the op decides which paths exist
 # torchvision peers whose constructor takes a `dropout` argument (the others have no dropout)
 _PEERS_WITH_DROPOUT = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
                        "mnasnet1_0", "squeezenet1_1")
@@ -71,21 +69,20 @@ def _check_ghost_op(ghost_op: str) -> None:
 # GhostNet
 
 
-_EXT_KERNEL: dict[str, bool] = {}
-
-
-def _ext_kernel(device_type: str) -> bool:
-    """Whether ghost_ext has a compiled kernel for this device type (cached: it cannot change at run time)."""
-    if device_type not in _EXT_KERNEL:
-        has_kernel = getattr(ghost_ext, "has_kernel", None)
-        _EXT_KERNEL[device_type] = bool(has_kernel(device_type) if has_kernel else ghost_ext.has_extension())
-    return _EXT_KERNEL[device_type]
-
-
 class GhostModule(nn.Module):
     """A 1x1 primary conv makes ceil(out/2) maps; a depthwise conv (the "cheap operation") makes as
     many again; both are concatenated and cut to `out_chs`. The cheap branch, its BN, the optional
-    ReLU and the concat are one ghost_ext.ghost_concat call (ratio 2 is what that op computes)."""
+    ReLU and the concat are one ghost_ext.ghost_concat call (ratio 2 is what that op computes).
+
+    One switch, `path`, picks how forward runs (ghost_ext alone picks the op's kernels or its reference
+    from `ghost_op`):
+      "op"      the default: ghost_ext.ghost_concat on the cheap branch's conv and BN tensors;
+      "modules" set by convert_sync_batchnorm: through the submodules, so that a SyncBatchNorm in
+                cheap_operation really synchronises (forward_modules);
+      "fused"   set by fuse_for_inference once the BNs are folded, eval only (forward_fused).
+    """
+
+    PATHS: tuple[str, ...] = ("op", "modules", "fused")
 
     def __init__(self, in_chs: int, out_chs: int, relu: bool = True, dw_size: int = 3, ghost_op: str = "auto"):
         super().__init__()
@@ -93,8 +90,7 @@ class GhostModule(nn.Module):
         self.out_chs = out_chs
         self.relu = relu
         self.ghost_op = ghost_op
-        self.fused = False  # set by fuse_for_inference: BN folded, eval only
-        self.through_modules = False  # set by convert_sync_batchnorm: the cheap branch runs its own (Sync)BN
+        self.path = "op"  # how forward runs (see PATHS); convert_sync_batchnorm and fuse_for_inference set it
         init_chs = math.ceil(out_chs / 2)
         self.primary_conv = nn.Sequential(
             nn.Conv2d(in_chs, init_chs, 1, bias=False),
@@ -107,10 +103,12 @@ class GhostModule(nn.Module):
             nn.BatchNorm2d(init_chs),
         )
 
+    # The two flags `path` replaced, kept as views of it for callers that still set or read them.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        path = self.path
+        if path == "fused":
             return self.forward_fused(x)
-        if self.through_modules:
+        if path == "modules":
             return self.forward_modules(x)
         x = self.primary_conv(x)
         conv, bn = self.cheap_operation[0], self.cheap_operation[1]
@@ -133,7 +131,7 @@ class GhostModule(nn.Module):
         y = self.cheap_operation(x)
         if self.relu:
             y = F.relu(y)
-        return torch.cat([x, y], 1)[:, :self.out_chs]
+        return ghost_ext.reference.concat(x, y, self.out_chs)  # laid out like x, not a strided view
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Inference after fuse_for_inference: plain functional calls on the folded tensors (no
@@ -142,16 +140,9 @@ class GhostModule(nn.Module):
         x = F.conv2d(x, pconv.weight, pconv.bias)
         if self.relu:
             x = x.relu_()
-        if self.ghost_op == "torch" or (self.ghost_op == "auto" and not _ext_kernel(x.device.type)):
-            # without the extension: BN is already in (weight, bn.bias), so the reference op's
-            # batch_norm pass would be an identity; skip it (same math, one pass fewer)
-            y = F.conv2d(x, conv.weight, bn.bias, 1, conv.padding, 1, conv.groups)
-            if self.relu:
-                y = y.relu_()
-            out = torch.cat([x, y], 1)
-            return out if out.shape[1] == self.out_chs else out[:, :self.out_chs]
-        return ghost_ext.ghost_concat(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, False,
-                                      0.0, bn.eps, self.relu, self.out_chs, impl=self.ghost_op)
+        # ghost_ext picks the path; its reference skips the identity BN that (w', bn.bias) already contain
+        return ghost_ext.ghost_concat_folded(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                             bn.eps, self.relu, self.out_chs, impl=self.ghost_op)
 
 
 class SqueezeExciteLinear(nn.Module):
@@ -376,8 +367,8 @@ def _fuse_ghost_module(m: GhostModule) -> None:
     y = conv(x, w) * g / sqrt(v + eps) + (b - mean * g / sqrt(v + eps)). So the fold goes into the
     depthwise weight (w' = w * s, s = gamma / sqrt(var + eps)) and the BN is kept as an identity that
     carries the bias: weight 1, bias b' = beta - mean * s, running_mean 0, running_var 1 - eps, so the
-    op's own eval fold computes exactly y = conv(x, w') + b'. The plain-PyTorch fused path reads
-    (w', bn.bias) directly and skips the identity batch_norm.
+    op's own eval fold computes exactly y = conv(x, w') + b'. The plain-PyTorch fused path
+    (ghost_ext.ghost_concat_folded) reads (w', bn.bias) directly and skips the identity batch_norm.
     """
     p = m.primary_conv
     m.primary_conv = nn.Sequential(fuse_conv_bn_eval(p[0], p[1]), p[2])
@@ -389,7 +380,7 @@ def _fuse_ghost_module(m: GhostModule) -> None:
     bn.bias.copy_(b)
     bn.running_mean.zero_()
     bn.running_var.fill_(1.0 - bn.eps)
-    m.fused = True
+    m.path = "fused"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,8 +451,8 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
     fused op cannot reach a SyncBatchNorm's all-reduce. Returns the converted model."""
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
-        if isinstance(m, GhostModule):
-            m.through_modules = True
+        if isinstance(m, GhostModule) and m.path == "op":  # a folded (eval-only) module keeps its fused path
+            m.path = "modules"
     return model
 
 
@@ -519,116 +510,3 @@ def count_macs(model: nn.Module, img_size: int | tuple[int, int], in_channels: i
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         m(x)
     return counter.get_total_flops() // 2
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints (format: see README / train.py; written with only plain types so weights_only loads it)
-
-CHECKPOINT_FORMAT = "ghostcars-v1"
-_REQUIRED_KEYS = ("format", "arch", "num_classes", "class_names", "model_options", "preprocess", "model")
-_PREPROCESS_KEYS = ("img_size", "grayscale", "normalize", "mean", "std", "crop_bbox", "bbox_margin",
-                    "erase_background")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line naming the file and the fix."""
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read and validate a checkpoint written by train.py (on the CPU, weights_only=True: a file that
-    would run code while unpickling is refused, never executed). Raises CheckpointError."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file; pass the best.pt / last.pt of a run folder (runs/<name>/)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a file; pass the best.pt / last.pt inside the run folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses globals / calls it does not allow (what a code-running pickle needs);
-        # other unpickling errors mean a damaged or foreign file
-        if any(k in str(e) for k in ("Unsupported global", "GLOBAL", "not an allowed global", "reduce",
-                                     "Unsupported class")):
-            raise CheckpointError(f"refusing to load {path}: it holds a pickled object that could run code "
-                                  f"(weights_only); use a checkpoint written by train.py") from None
-        raise CheckpointError(f"{path}: not a checkpoint or corrupt ({_first_line(e)}); "
-                              f"use a best.pt / last.pt written by train.py") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
-        raise CheckpointError(f"{path}: not a checkpoint or corrupt ({_first_line(e)}); "
-                              f"use a best.pt / last.pt written by train.py") from None
-    _validate(ckpt, path)
-    return ckpt
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
-def _validate(ckpt: object, path: Path) -> None:
-    fix = "use a checkpoint written by train.py"
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint; {fix}")
-    missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; {fix}")
-    arch = ckpt["arch"]
-    if arch not in ARCHS:
-        raise CheckpointError(f"{path}: unknown arch '{arch}' (known: {', '.join(ARCHS)}); {fix}")
-    n, names = ckpt["num_classes"], ckpt["class_names"]
-    if not isinstance(n, int) or n < 1:
-        raise CheckpointError(f"{path}: num_classes {n!r} is not a positive integer; {fix}")
-    if not isinstance(names, list) or len(names) != n:
-        got = len(names) if isinstance(names, list) else type(names).__name__
-        raise CheckpointError(f"{path}: {got} class_names for num_classes={n}; {fix}")
-    prep = ckpt["preprocess"]
-    missing = [k for k in _PREPROCESS_KEYS if not isinstance(prep, dict) or k not in prep]
-    if missing:
-        raise CheckpointError(f"{path}: preprocess lacks {', '.join(missing)}; {fix}")
-    opts = ckpt["model_options"]
-    if not isinstance(opts, dict) or not isinstance(ckpt["model"], dict):
-        raise CheckpointError(f"{path}: model_options / model must be dicts; {fix}")
-    # shapes against the architecture built on the meta device (no memory, no init cost)
-    try:
-        with torch.device("meta"):
-            ref = build_model(arch, n, **_model_options(opts))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad model_options {opts} ({e}); {fix}") from None
-    want, got = ref.state_dict(), ckpt["model"]
-    miss = [k for k in want if k not in got]
-    extra = [k for k in got if k not in want]
-    if miss or extra:
-        raise CheckpointError(f"{path}: weights do not fit {arch} ({len(miss)} missing, e.g. {miss[:1]}; "
-                              f"{len(extra)} unexpected, e.g. {extra[:1]}); {fix}")
-    for k, v in want.items():
-        g = got[k]
-        if not isinstance(g, torch.Tensor) or g.shape != v.shape:
-            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            if k == _classifier_key(want):
-                raise CheckpointError(f"{path}: classifier {k} has shape {shape}, which does not fit "
-                                      f"num_classes={n} ({len(names)} class_names); {fix}")
-            raise CheckpointError(f"{path}: {k} has shape {shape}, expected {tuple(v.shape)}; {fix}")
-        if g.is_floating_point() and not bool(torch.isfinite(g).all()):
-            raise CheckpointError(f"{path}: {k} holds NaN or inf values (saved from a diverged run?); "
-                                  f"use an earlier checkpoint")
-
-
-def _classifier_key(state_dict: dict) -> str:
-    """The weight of the last layer (the one whose first dimension is num_classes)."""
-    return [k for k in state_dict if k.endswith("weight")][-1]
-
-
-def _model_options(opts: dict) -> dict:
-    keep = ("out_channels", "dropout", "in_channels", "width")
-    return {k: opts[k] for k in keep if k in opts}
-
-
-def model_from_checkpoint(ckpt: dict, ghost_op: str = "auto") -> nn.Module:
-    """The checkpoint's model with its weights loaded, in eval mode, on the CPU."""
-    model = build_model(ckpt["arch"], ckpt["num_classes"], **_model_options(ckpt["model_options"]), ghost_op=ghost_op)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit {ckpt['arch']} ({_first_line(e)}); "
-                              f"use a checkpoint written by train.py") from None
-    return model.eval()

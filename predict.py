@@ -4,7 +4,7 @@
     python predict.py car.jpg --model ghostnet.onnx          # an exported model, run with onnxruntime
     python predict.py car.jpg --bbox 30,40,600,380           # crop first (models trained with --crop-bbox)
 
-Preprocessing is the checkpoint's own (data.load_image + the checkpoint's Preprocess), the same code
+Preprocessing is the checkpoint's own (images.load_image + the checkpoint's Preprocess), the same code
 the training cache used, so a prediction sees exactly what training saw. The model runs BN-folded.
 Unreadable inputs each get one line `error: <file>: <reason>` on stderr; the rest are still predicted
 and the exit status is 2 when any failed.
@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 import data
+import images
 import model as M
+import runs
 from common import pick_device
-
-REPO = Path(__file__).resolve().parent
 
 
 class PredictError(Exception):
@@ -32,14 +32,12 @@ class PredictError(Exception):
 
 
 def newest_checkpoint() -> Path:
-    """The most recently written runs/*/best.pt (in the working directory, else next to this file)."""
-    found: list[Path] = []
-    for runs in dict.fromkeys([Path("runs").resolve(), REPO / "runs"]):
-        found += runs.glob("*/best.pt")
-    if not found:
+    """The most recently written runs/*/best.pt (runs.newest_checkpoint), or a PredictError naming the fix."""
+    found = runs.newest_checkpoint("best.pt")
+    if found is None:
         raise PredictError("no checkpoint given and no runs/*/best.pt found; train one with "
                            "`python train.py --data DIR` or pass --checkpoint PATH")
-    return max(found, key=lambda p: p.stat().st_mtime)
+    return found
 
 
 def expand_inputs(items: list[str]) -> Iterator[tuple[str, str | None]]:
@@ -78,11 +76,11 @@ def parse_bbox(text: str) -> tuple[int, int, int, int]:
 
 
 def torch_predictor(ckpt_path: Path, device: torch.device,
-                    ghost_op: str = "auto") -> tuple[Callable, list[str], "data.Preprocess"]:
+                    ghost_op: str = "auto") -> tuple[Callable, list[str], "images.Preprocess"]:
     """(probabilities of a float batch, class names, preprocessing) from a checkpoint, BN folded."""
-    ckpt = M.load_checkpoint(ckpt_path)
-    prep = data.Preprocess.from_dict(ckpt["preprocess"])
-    net = M.fuse_for_inference(M.model_from_checkpoint(ckpt, ghost_op=ghost_op)).to(device).eval()
+    ckpt = runs.load_checkpoint(ckpt_path)
+    prep = images.Preprocess.from_dict(ckpt["preprocess"])
+    net = M.fuse_for_inference(runs.model_from_checkpoint(ckpt, ghost_op=ghost_op)).to(device).eval()
 
     @torch.inference_mode()
     def probs(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +88,7 @@ def torch_predictor(ckpt_path: Path, device: torch.device,
     return probs, list(ckpt["class_names"]), prep
 
 
-def onnx_predictor(onnx_path: Path) -> tuple[Callable, list[str], "data.Preprocess"]:
+def onnx_predictor(onnx_path: Path) -> tuple[Callable, list[str], "images.Preprocess"]:
     """The same for an exported .onnx (metadata: class_names, preprocess, arch; input images, output logits)."""
     try:
         import onnxruntime as ort
@@ -105,7 +103,7 @@ def onnx_predictor(onnx_path: Path) -> tuple[Callable, list[str], "data.Preproce
     meta = sess.get_modelmeta().custom_metadata_map
     try:
         class_names = json.loads(meta["class_names"])
-        prep = data.Preprocess.from_dict(json.loads(meta["preprocess"]))
+        prep = images.Preprocess.from_dict(json.loads(meta["preprocess"]))
     except (KeyError, ValueError, TypeError) as e:
         raise PredictError(f"{onnx_path}: metadata 'class_names'/'preprocess' missing or invalid ({e}); "
                            "export the model with export.py")
@@ -121,7 +119,7 @@ def onnx_predictor(onnx_path: Path) -> tuple[Callable, list[str], "data.Preproce
 
 
 def predict_files(paths: Iterator[tuple[str, str | None]], probs_fn: Callable, class_names: list[str],
-                  prep: "data.Preprocess", topk: int, bbox: tuple[int, int, int, int] | None = None,
+                  prep: "images.Preprocess", topk: int, bbox: tuple[int, int, int, int] | None = None,
                   batch_size: int = 32, on_result: Callable | None = None,
                   on_error: Callable | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decode in chunks (memory stays flat for big folders), predict, report each result as it comes."""
@@ -153,8 +151,8 @@ def predict_files(paths: Iterator[tuple[str, str | None]], probs_fn: Callable, c
             fail(path, reason)
             continue
         try:
-            batch.append((path, data.load_image(path, prep, bbox=bbox)))
-        except data.ImageError as e:
+            batch.append((path, images.load_image(path, prep, bbox=bbox)))
+        except images.ImageError as e:
             fail(path, _reason(e, path))
         except Exception as e:  # a decoder bug must not take the other images down either
             fail(path, f"{type(e).__name__}: {_reason(e, path)}")
@@ -216,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         elif bbox is None and prep.crop_bbox:
             print("note: this model was trained on bounding-box crops; pass --bbox x1,y1,x2,y2 for best results "
                   "(using the whole image)", file=sys.stderr)
-    except (PredictError, M.CheckpointError, data.DataError, ValueError, OSError) as e:
+    except (PredictError, runs.CheckpointError, data.DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,7 @@
                     400 with {"error": "<one line>"} for an image that cannot be read, 413 above --max-mb
 
 Nothing else is served: no path of the request ever reaches the file system. Each upload is decoded by
-predict.py's own code (data.load_image: decompression bombs, truncated files, 16-bit, CMYK and alpha are
+predict.py's own code (images.load_image: decompression bombs, truncated files, 16-bit, CMYK and alpha are
 handled there), so the page, the API and the command line give the same answer for the same file.
 
 Why the standard library's server: the project then needs nothing beyond requirements.txt, and
@@ -44,6 +44,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 import predict
+import runs
 
 
 class UploadError(Exception):
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port} ({e.strerror or e}); try another --port",
               file=sys.stderr)
         return 2
-    except (predict.PredictError, predict.M.CheckpointError, predict.data.DataError, ValueError) as e:
+    except (predict.PredictError, runs.CheckpointError, predict.data.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]

@@ -1,8 +1,8 @@
-"""Images per second delivered to the training loop: the plain torchvision way vs data.py's pipeline, on CPU.
+"""Images per second delivered to the training loop: the plain torchvision way vs images.py's pipeline, on CPU.
 
 (a) plain torchvision: decode every JPEG every epoch with PIL, per-sample v2 transforms (Resize 227, the
     reference's flip + affine + colour jitter, ToImage/ToDtype/Normalize), DataLoader(num_workers=2).
-(b) data.py: decode once into the uint8 cache (its one-off build time is reported separately), then
+(b) images.py: decode once into the uint8 cache (its one-off build time is reported separately), then
     BatchLoader (memmap reads, prefetch thread) + BatchTransform (same augmentations, batched) on the CPU.
 (c) between the two, to split the gain: the same cache, read per image by a DataLoader with the per-sample
     v2 transforms of (a) on the decoded tensors. (a) -> (c) is what decoding once buys, (c) -> (b) what
@@ -37,7 +37,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import augment  # noqa: E402
+from config import AugmentConfig  # noqa: E402
 import data  # noqa: E402
+import images  # noqa: E402
 from common import cpu_name  # noqa: E402
 
 
@@ -84,7 +86,7 @@ class PlainDataset(torch.utils.data.Dataset):
 class CachedDataset(torch.utils.data.Dataset):
     """(c): the decoded uint8 cache, one image at a time, through per-sample transforms."""
 
-    def __init__(self, dec: data.Decoded, transform):
+    def __init__(self, dec: images.Decoded, transform):
         self.dec, self.transform = dec, transform
 
     def __len__(self):
@@ -96,7 +98,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
 def plain_transform(size: int | None) -> v2.Compose:
     """The reference's per-sample pipeline; size None: the input is already at size (the cache's images)."""
-    prep = data.Preprocess()
+    prep = images.Preprocess()
     return v2.Compose([
         *([v2.Resize((size, size))] if size else []),  # squash, as the reference
         v2.RandomHorizontalFlip(0.5),
@@ -134,16 +136,16 @@ def run_set(name: str, records, args, cache_root: Path) -> dict:
                                      persistent_workers=True)
     res["plain"] = measure(lambda dl=dl: iter(dl), args.min_images, args.min_seconds, args.max_seconds)
     del dl
-    # (b) data.py + augment.py: cache build (one-off), then cache read + BatchLoader + BatchTransform
-    prep = data.Preprocess(img_size=size)
+    # (b) images.py + augment.py: cache build (one-off), then cache read + BatchLoader + BatchTransform
+    prep = images.Preprocess(img_size=size)
     t = time.perf_counter()
-    dec = data.decode_cached(records, prep, cache_root / name, desc=name)
+    dec = images.decode_cached(records, prep, cache_root / name, desc=name)
     res["cache_build_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
-    dec = data.decode_cached(records, prep, cache_root / name, desc=name)
+    dec = images.decode_cached(records, prep, cache_root / name, desc=name)
     res["cache_open_s"] = round(time.perf_counter() - t, 3)
-    loader = data.BatchLoader(dec, bs, shuffle=True, drop_last=True, device="cpu", seed=0)
-    bt = augment.BatchTransform(prep, list(augment.DEFAULT_AUGMENT), None)
+    loader = images.BatchLoader(dec, bs, shuffle=True, drop_last=True, device="cpu", seed=0)
+    bt = augment.BatchTransform(prep, AugmentConfig().augment, None)
     g = torch.Generator().manual_seed(0)
     state = {"epoch": 0}
 
@@ -231,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average at start {report['loadavg_start'][0]}, at end {report['loadavg_end'][0]} "
         "(all ways ran one after the other in this process, under the load stated).", "",
         "Ways: (a) plain torchvision: decode every epoch, per-sample transforms; (c) the decode-once cache, same "
-        "per-sample transforms; (b) data.py: the cache and batched augmentation (BatchTransform). "
+        "per-sample transforms; (b) images.py: the cache and batched augmentation (BatchTransform). "
         "Gain of the cache = c / a, of the batched augmentation = b / c, total = b / a.", "",
-        "| dataset | images | (a) plain img/s | (c) cache + per-sample img/s | (b) data.py img/s | cache gain "
+        "| dataset | images | (a) plain img/s | (c) cache + per-sample img/s | (b) images.py img/s | cache gain "
         "| batched-aug gain | total | cache build (one-off) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

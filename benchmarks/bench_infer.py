@@ -66,8 +66,10 @@ def module_calls(folded: torch.nn.Module) -> torch.nn.Module:
     forward_fused path (same weights, same numbers): the row that shows what forward_fused buys."""
     variant = copy.deepcopy(folded)
     for m in variant.modules():
-        if isinstance(m, (M.GhostNet, M.GhostModule)):
+        if isinstance(m, M.GhostNet):
             m.fused = False
+        elif isinstance(m, M.GhostModule):
+            m.path = "op"
     return variant
 
 

@@ -22,7 +22,6 @@ import platform
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +31,8 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
+import images  # noqa: E402
+import learner  # noqa: E402
 import ghost_ext  # noqa: E402
 from common import cpu_name, device_name, load_average, pick_device, sync  # noqa: E402
 from model import build_model, count_params  # noqa: E402
@@ -56,16 +56,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.6)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         g = torch.Generator(device="cpu").manual_seed(0)
-        height, width = data.size_hw(img_size or args.img_size[0])
+        height, width = images.ImageSize.of(img_size or args.img_size[0]).hw
         self.x = torch.randn(args.batch_size, 3, height, width, generator=g).to(device)
         if args.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
-        dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-        if args.amp_dtype != "auto":
-            dtype = getattr(torch, args.amp_dtype)
-        self.autocast = torch.autocast(device.type, dtype=dtype) if args.amp else nullcontext()
-        self.scaler = torch.amp.GradScaler(device.type) if args.amp and dtype == torch.float16 else None
+        dtype, self.scaler = learner.precision(device, bool(args.amp), args.amp_dtype)  # as train.py chooses
+        self.autocast = learner.autocast(device, dtype)
         self.times: list[float] = []
 
     def step(self, timed: bool) -> None:
@@ -113,7 +110,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--img-size", type=data.parse_img_size, nargs="+", default=[227],
+    p.add_argument("--img-size", type=images.ImageSize.parse, nargs="+", default=[227],
                    help="input size, S or WIDTHxHEIGHT; several: ghostnet (ghost_op=ext, else torch) again at each "
                         "further size")
     p.add_argument("--width", type=float, nargs="+", default=[1.0],
@@ -177,8 +174,8 @@ def candidates(args: argparse.Namespace, device: torch.device) -> list[tuple[str
     for width in args.width:
         for size in args.img_size:
             if (width, size) != (w0, args.img_size[0]):
-                rows.append((f"ghostnet (ghost_op={op}) width {width:g} at {data.size_words(size)}", ghostnet(op, width),
-                             {"img_size": size}))
+                rows.append((f"ghostnet (ghost_op={op}) width {width:g} at {images.ImageSize.of(size).words}",
+                             ghostnet(op, width), {"img_size": size}))
     return rows
 
 
@@ -229,7 +226,8 @@ def markdown(report: dict, args: argparse.Namespace, blocks: int) -> str:
     lines = [f"# Training throughput ({m['device'].split(':')[0]})", "",
              f"{report['date']}, {m['device_name']}, {report['threads']} threads, load (1 min) "
              f"{m.get('load_1min_before')} before, {m.get('load_1min_after')} after, torch {torch.__version__}, "
-             f"{data.size_words(args.img_size[0])} (rows marked otherwise at theirs), batch {args.batch_size}, {args.warmup} "
+             f"{images.ImageSize.of(args.img_size[0]).words} (rows marked otherwise at theirs), "
+             f"batch {args.batch_size}, {args.warmup} "
              f"warm-up + {blocks} timed blocks of {args.steps_per_timing} steps (one device sync per block), "
              f"amp {'on' if args.amp else 'off'}{', channels_last' if args.channels_last else ''}.",
              f"Command: `{report['command']}`" + (f"  \nNote: {args.note}" if args.note else ""), "",
@@ -282,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         timm_version = timm.__version__
     except ImportError:
         timm_version = None
+    sizes = [images.ImageSize.of(s).json() for s in args.img_size]  # S or [height, width], as before
     report = {
         "benchmark": "train step (forward + backward + AdamW), synthetic data on device",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "timm": timm_version, "ghost_ext_compiled": ghost_ext.has_extension()},
-        "settings": {"img_size": args.img_size[0], "more_img_sizes": args.img_size[1:], "width": args.width[0],
+        "settings": {"img_size": sizes[0], "more_img_sizes": sizes[1:], "width": args.width[0],
                      "more_widths": args.width[1:], "batch_size": args.batch_size, "num_classes": args.num_classes,
                      "steps": args.steps, "warmup": args.warmup, "amp": args.amp, "amp_dtype": args.amp_dtype,
                      "channels_last": args.channels_last, "steps_per_timing": args.steps_per_timing,

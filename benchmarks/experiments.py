@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import runs  # noqa: E402  (the run folder's files: config.json and metrics.csv are read through it)
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "real_copy"
 EVAL_JSON = "evaluate_test.json"
@@ -348,12 +350,26 @@ def run_one(pl: Plan, args: argparse.Namespace, env: dict, tqdm_write) -> bool:
 
 # ----------------------------------------------------------------------------------------------- results
 def read_metrics_csv(p: Path) -> list[dict]:
-    import csv
     try:
-        with open(p, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
+        return runs.read_metrics(p)
+    except (OSError, ValueError):
         return []
+
+
+def read_record(run_dir: Path) -> dict:
+    """config.json's record (dataset, device, versions, commit), of this code's schema or an older one."""
+    try:
+        return runs.read_config_json(run_dir / "config.json")[1]
+    except (OSError, ValueError, runs.C.ConfigError):
+        return {}
+
+
+def read_options(run_dir: Path) -> dict:
+    """The flat options of a run's config.json, of this code's schema or an older one."""
+    try:
+        return runs.read_config_json(run_dir / "config.json")[0].flat()
+    except (OSError, ValueError, runs.C.ConfigError):
+        return {}
 
 
 def collect(pl: Plan) -> dict:
@@ -363,7 +379,7 @@ def collect(pl: Plan) -> dict:
            "train_command": display(pl.train), "eval_command": display(pl.evaluate), "state": state(pl)}
     if row["state"] == "other":
         return row
-    cfg = read_json(pl.run_dir / "config.json") or {}
+    cfg = read_record(pl.run_dir)
     rows = read_metrics_csv(pl.run_dir / "metrics.csv")
     ev = read_json(pl.run_dir / EVAL_JSON) or {}
     m, eff = ev.get("metrics") or {}, ev.get("efficiency") or {}
@@ -562,7 +578,7 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
          "split: the per-epoch 'val' columns of metrics.csv are cars_test, logged and never used to choose); "
          "the reported figure is evaluate.py on the final model (`final.pt`, the EMA weights for fast)",
          f"- the study's MultiStepLR milestones scaled by round(m * {args.epochs} / {REF_EPOCHS}): "
-         f"{' '.join(map(str, scaled_milestones(args.epochs)))}; fast: train.py's RECIPES['fast']"
+         f"{' '.join(map(str, scaled_milestones(args.epochs)))}; fast: recipes/fast.yaml"
          + (f" with `{args.fast_args}`" if args.fast_args else "") + ", evaluated with "
          f"{' '.join(FAST_EVAL) or 'no extra flags'}",
          f"- machine: {env_info['cpu']}, {env_info['cores']} cores"
@@ -678,14 +694,14 @@ def search_table(folder: Path) -> int:
     """results.md for a folder of train.py run folders on a validation split (the runs a recipe was chosen
     from): each run's options that differ from the first run's, and validation top-1 / top-5 / loss at a
     few shared epochs and at its last epoch, from metrics.csv and config.json."""
-    runs = sorted(d for d in Path(folder).iterdir() if (d / "metrics.csv").exists() and (d / "config.json").exists())
-    if not runs:
+    run_dirs = sorted(d for d in Path(folder).iterdir() if (d / "metrics.csv").exists() and (d / "config.json").exists())
+    if not run_dirs:
         print(f"error: {folder}: no run folders (metrics.csv + config.json)", file=sys.stderr)
         return 2
-    opts = {d.name: (read_json(d / "config.json") or {}).get("options", {}) for d in runs}
+    opts = {d.name: read_options(d) for d in run_dirs}
     ignore = {"name", "out", "resume", "command", "data", "cache_dir", "dist_timeout", "resume_if_exists",
               "workers"}  # no effect on a run
-    base = opts[runs[0].name]
+    base = opts[run_dirs[0].name]
     marks = (4, 8, 12, 20)
     L = [f"# Choosing --recipe fast on the validation split ({show_path(Path(folder))})", "",
          "Validation = a stratified 10 % of cars_train (555 images, `--val-split 0.1`, seed 0); cars_test was not "
@@ -695,7 +711,7 @@ def search_table(folder: Path) -> int:
          "| run | options (against the first run's) | epochs run / planned | "
          + " | ".join(f"ep {m}: top-1 / top-5 / loss" for m in marks) + " | last: top-1 / top-5 / loss | train acc (last) |",
          "|---|---|---|" + "---|" * (len(marks) + 2)]
-    for d in runs:
+    for d in run_dirs:
         o = opts[d.name]
         diff = ", ".join(f"{k}={o[k]}" for k in sorted(o) if k not in ignore and o.get(k) != base.get(k)) or "–"
         if (d / "NOTE.md").exists():  # a run of code that is not in train.py (a prototype): config.json can't say

@@ -1,4 +1,4 @@
-"""Fuzz the image decoder that every untrusted image goes through (data.load_image: predict.py, serve.py and the
+"""Fuzz the image decoder that every untrusted image goes through (images.load_image: predict.py, serve.py and the
 dataset cache all call it) with mutated JPEG, PNG, WebP, GIF, TIFF and BMP files.
 
     python benchmarks/fuzz_images.py                      # 20,000 inputs, results/fuzz_images.{md,json}
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import data  # noqa: E402
+import images  # noqa: E402
 from common import cpu_name  # noqa: E402
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")
@@ -128,15 +128,15 @@ class Outcome:
     message: str = ""
 
 
-def decode_one(path: Path, prep: data.Preprocess) -> Outcome:
+def decode_one(path: Path, prep: images.Preprocess) -> Outcome:
     t0 = time.perf_counter()
-    # a warning would be an extra line on a user's screen; recorded under the filters a user has (data.py's)
+    # a warning would be an extra line on a user's screen; recorded under the filters a user has (images.py's)
     with warnings.catch_warnings(record=True) as seen:
         try:
-            img = data.load_image(path, prep)
+            img = images.load_image(path, prep)
             ok = img.dtype == torch.uint8 and tuple(img.shape[1:]) == prep.hw
             out = Outcome("ok" if ok else "failure", 0.0, "" if ok else f"bad output {img.dtype} {tuple(img.shape)}")
-        except data.ImageError as e:
+        except images.ImageError as e:
             msg = str(e)
             one_line = "\n" not in msg and msg.startswith(str(path))
             out = Outcome("error" if one_line else "failure", 0.0, msg)
@@ -161,7 +161,7 @@ class Report:
 def fuzz(n: int, seed: int, max_seconds: float, photo: Path | None, img_size: int = 96,
          progress: bool = True) -> Report:
     seeds = seed_images(photo)
-    prep = data.Preprocess(img_size=img_size)
+    prep = images.Preprocess(img_size=img_size)
     rng = random.Random(seed)
     rep = Report()
     with tempfile.TemporaryDirectory(prefix="fuzz-images-") as tmp:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     verdict = "PASS" if rep.counts["failure"] == 0 and not rep.over_time else "FAIL"
     lines = [
-        "# Fuzzing the image decoder (data.load_image: predict.py, serve.py, the dataset cache)", "",
+        "# Fuzzing the image decoder (images.load_image: predict.py, serve.py, the dataset cache)", "",
         f"`{result['command']}` on {result['date']}: {cpu_name()}, {args.threads} torch thread, load average "
         f"{result['machine']['load_avg_at_end']:.1f} at the end; Pillow {Image.__version__}, Python "
         f"{platform.python_version()}. Seed photo: {Path(result['seed_photo']).name}.", "",

@@ -9,7 +9,13 @@ the plain-PyTorch reference. impl: "auto" = the extension when built and it has 
 device, else the reference with one warning; on CUDA, per call signature, whichever of the two was
 faster at that shape after the kernels passed a check there (autotune.py, like cudnn.benchmark);
 "ext" = the extension's kernels, always (RuntimeError when missing; no check, so tests see the
-kernels themselves); "torch" = the reference.
+kernels themselves); "torch" = the reference. Every path returns out_channels channels in x's memory
+format (channels_last for channels_last x, else contiguous).
+
+This package is the one place that decides which path runs (_kernels_chosen); its callers only name an
+impl. Entries: ghost_concat (training and eval), ghost_concat_folded (inference with the cheap branch's
+BatchNorm already folded into the weights, see model._fuse_ghost_module), require_kernels (fail early
+where impl="ext" cannot run), has_extension / has_kernel.
 """
 import warnings
 
@@ -17,7 +23,10 @@ import torch
 
 from . import autotune, reference
 
-__all__ = ["ghost_concat", "has_extension"]
+__all__ = ["IMPLS", "ghost_concat", "ghost_concat_folded", "has_extension", "has_kernel", "require_kernels"]
+
+# the values of every entry's impl argument
+IMPLS: tuple[str, ...] = ("auto", "ext", "torch")
 
 try:
     from . import _C  # noqa: F401  (loading the library registers torch.ops.ghost_ext.*)
@@ -29,7 +38,8 @@ except ImportError as e:  # not built, or built against another torch
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
 # device types where "auto" times the kernels against the reference per signature (autotune.py); on the
-# CPU the rule is fixed and measured (float32/64: the kernels; bfloat16/float16: the reference)
+# CPU the rule is fixed and measured (_use_ext: float32/64 NCHW the kernels; bfloat16/float16 or
+# channels_last the reference)
 _AUTOTUNE_DEVICES = {"cuda"}
 
 
@@ -49,6 +59,19 @@ def has_kernel(device: torch.device | str) -> bool:
     return has_extension() and _KERNELS.get(dev_type.split(":")[0], False)
 
 
+def require_kernels(impl: str, device: torch.device | str) -> None:
+    """Fail before any work where impl="ext" cannot run: RuntimeError (one line, naming the fix) when the
+    build has no kernels for device's type. "auto" and "torch" always run ("auto" falls back to the
+    reference), so they pass; an unknown impl is a ValueError."""
+    if impl not in IMPLS:
+        raise ValueError(f"ghost op impl={impl!r}; choose one of: {', '.join(IMPLS)}")
+    if impl == "ext" and not has_kernel(device):
+        dev_type = (device if isinstance(device, str) else device.type).split(":")[0]
+        how = " with nvcc and a CUDA build of torch present" if dev_type == "cuda" else ""
+        raise RuntimeError(f"ghost op 'ext', but the ghost_ext extension has no {dev_type} kernels here; build it "
+                           f"with `pip install --no-build-isolation -e .`{how} or use the ghost op 'auto'")
+
+
 def _warn_once(key: str, msg: str) -> None:
     if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
@@ -59,7 +82,7 @@ def _use_ext(impl: str, x: torch.Tensor) -> bool:
     if impl == "torch":
         return False
     if impl not in ("auto", "ext"):
-        raise ValueError(f"ghost_concat: impl={impl!r}; choose one of: auto, ext, torch")
+        raise ValueError(f"ghost_concat: impl={impl!r}; choose one of: {', '.join(IMPLS)}")
     if not has_extension():
         if impl == "ext":
             raise RuntimeError("ghost_ext: the C++ extension is not built; run `pip install --no-build-isolation -e .` "
@@ -119,33 +142,33 @@ def _reference(x, weight, bn_weight, bn_bias, running_mean, running_var, trainin
                                   momentum, eps, relu, out_channels)
 
 
-# Dispatch decisions already taken: (impl, device, dtype) -> True once the extension was chosen
-# (after the CUDA self-check). The hot path is then one dict lookup; a negative decision is not
-# cached so its checks (and one-time warning) run as before.
-_use_ext_cache: dict = {}
+# Dispatch decisions already taken: (impl, device, dtype, channels_last) -> True (the kernels, after the
+# CUDA self-check) or False (the reference). The hot path is then one dict lookup. Nothing is cached
+# while the extension is missing (tests monkeypatch _EXT_ERROR), nor while tracing or capturing.
+_use_ext_cache: dict[tuple, bool] = {}
 
 
-def ghost_concat(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
-                 running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, momentum: float,
-                 eps: float, relu: bool, out_channels: int, impl: str = "auto") -> torch.Tensor:
-    """cat([x, relu?(bn(depthwise_conv(x)))], 1)[:, :out_channels]; in training the batch statistics
-    normalise and running_mean / running_var are updated in place, as nn.BatchNorm2d does.
-
-    impl: "auto" (extension when built for x's device, else the reference with one warning; on CPU
-    bfloat16/float16 input takes the reference, which is faster there; on CUDA the faster of the two at
-    this signature, see autotune.py), "ext" (the extension, error when missing) or "torch" (the reference)."""
+def _kernels_chosen(impl: str, args: tuple) -> bool:
+    """THE dispatch of every entry: True = the extension's kernels, False = the reference. args are
+    ghost_concat's positional arguments (x first); on CUDA "auto" asks the autotuner per signature."""
+    x = args[0]
     key = (impl, x.device, x.dtype, _channels_last(x))
-    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, out_channels)
-    if _EXT_ERROR is not None or key not in _use_ext_cache:  # _EXT_ERROR: tests monkeypatch it
-        if not _use_ext(impl, x):
-            return _reference(*args)
-        if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _use_ext_cache[key] = True
-    if impl == "auto" and x.device.type in _AUTOTUNE_DEVICES and not _autotuned_ext(args):
-        return _reference(*args)
+    use = None if _EXT_ERROR is not None else _use_ext_cache.get(key)
+    if use is None:
+        use = _use_ext(impl, x)  # raises for an unknown impl, or "ext" without kernels
+        if _EXT_ERROR is None and not torch.compiler.is_compiling() \
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _use_ext_cache[key] = use
+    if use and impl == "auto" and x.device.type in _AUTOTUNE_DEVICES:
+        return _autotuned_ext(args)
+    return use
+
+
+def _kernels(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu,
+             out_channels):
+    """The extension's op, with nn.BatchNorm2d's argument checks and its running-statistics update."""
     c = x.shape[1]
-    if not c <= out_channels <= 2 * c:
-        raise ValueError(f"ghost_concat: out_channels={out_channels} must lie in [C, 2C] = [{c}, {2 * c}]")
+    reference.check_out_channels(c, out_channels)
     if training and c and x.numel() == c:  # nn.BatchNorm2d's check (F._verify_batch_size), minus its Python loop
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     # No autocast kernel is registered, so under autocast the op receives x (bf16/fp16, from the
@@ -163,3 +186,37 @@ def ghost_concat(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor,
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
                 running_var.lerp_(var.to(running_var.dtype), momentum)
     return out
+
+
+def ghost_concat(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                 running_mean: torch.Tensor, running_var: torch.Tensor, training: bool, momentum: float,
+                 eps: float, relu: bool, out_channels: int, impl: str = "auto") -> torch.Tensor:
+    """cat([x, relu?(bn(depthwise_conv(x)))], 1)[:, :out_channels] in x's memory format; in training
+    the batch statistics normalise and running_mean / running_var are updated in place, as
+    nn.BatchNorm2d does.
+
+    impl: "auto" (extension when built for x's device, else the reference with one warning; on CPU
+    bfloat16/float16 or channels_last input takes the reference, which is faster there; on CUDA the faster
+    of the two at this signature, see autotune.py), "ext" (the extension, error when missing) or "torch"
+    (the reference)."""
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, relu, out_channels)
+    if _kernels_chosen(impl, args):
+        return _kernels(*args)
+    return _reference(*args)
+
+
+def ghost_concat_folded(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                        running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, relu: bool,
+                        out_channels: int, impl: str = "auto") -> torch.Tensor:
+    """Inference (eval statistics, no autograd needed) after the cheap branch's BatchNorm was folded
+    into weight and bn_bias, leaving an identity BN: bn_weight 1, running_mean 0, running_var 1 - eps
+    (model._fuse_ghost_module). Computes cat([x, relu?(depthwise_conv(x, weight) + bn_bias)], 1)
+    [:, :out_channels] in x's memory format, on the path ghost_concat would take for the same impl: the
+    kernels apply the identity BN as they would any eval BN; the reference skips that identity
+    batch_norm pass (the same numbers up to rounding, one pass fewer)."""
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, False, 0.0, eps, relu, out_channels)
+    if _kernels_chosen(impl, args):
+        return _kernels(*args)
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        weight, bn_bias = weight.to(x.dtype), bn_bias.to(x.dtype)  # as _reference does
+    return reference.ghost_concat_folded(x, weight, bn_bias, relu, out_channels)

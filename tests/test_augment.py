@@ -1,5 +1,5 @@
 """augment.py: the batched ops against torchvision one image at a time, the whole BatchTransform, its CPU
-thread pool, and inference's normalisation (data.Preprocess.to_model_input)."""
+thread pool, and inference's normalisation (images.Preprocess.to_model_input)."""
 import math
 
 import pytest
@@ -7,7 +7,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import augment
+from config import AugmentConfig
 import data
+import images
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -30,7 +32,7 @@ def _close_nearest(a, b, frac=0.005):
 def test_flip_affine_rotation_match_torchvision():
     x = _imgs()
     B, C, H, W = x.shape
-    bt = augment.BatchTransform(data.Preprocess(), {"flip": {}, "affine": {}, "rotation": {}})
+    bt = augment.BatchTransform(images.Preprocess(), {"flip": {}, "affine": {}, "rotation": {}})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(1))
     assert p["flip"].any() and not p["flip"].all()
     for op in ("flip", "affine", "rotation"):
@@ -50,7 +52,7 @@ def test_flip_affine_rotation_match_torchvision():
                 ref = TF.rotate(x[k], p["rotation"][k].item(), fill=0)
                 _close_nearest(out[k:k + 1], ref[None])
     # bilinear, with a 4-value shear, and flip composed into the same matrix
-    bt = augment.BatchTransform(data.Preprocess(), {"flip": {"p": 1.0}, "affine": {"shear": (-5, 5, -3, 3)}})
+    bt = augment.BatchTransform(images.Preprocess(), {"flip": {"p": 1.0}, "affine": {"shear": (-5, 5, -3, 3)}})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(2))
     out = augment.warp(x, bt.matrices(p, B, H, W), "bilinear")
     for k in range(B):
@@ -63,7 +65,7 @@ def test_flip_affine_rotation_match_torchvision():
 def test_perspective_and_resized_crop_match_torchvision():
     x = _imgs(B=5)
     B, C, H, W = x.shape
-    bt = augment.BatchTransform(data.Preprocess(), {"perspective": {"p": 1.0}, "resized_crop": {}})
+    bt = augment.BatchTransform(images.Preprocess(), {"perspective": {"p": 1.0}, "resized_crop": {}})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(3))
     out = augment.warp(x, bt.matrices({"perspective": p["perspective"]}, B, H, W), "bilinear")
     for k in range(B):
@@ -89,7 +91,7 @@ def test_perspective_and_resized_crop_match_torchvision():
 def test_resized_crop_ratio_is_relative_to_the_image_shape(H, W):
     """A 4:3 image's crops have its proportions on average (box ratio 1 x W/H), so resizing them back to the
     image's shape stretches nothing on average, as at test time; for a square this is torchvision's rule."""
-    bt = augment.BatchTransform(data.Preprocess(), {"resized_crop": {"scale": (0.35, 1.0)}})
+    bt = augment.BatchTransform(images.Preprocess(), {"resized_crop": {"scale": (0.35, 1.0)}})
     crop = bt.sample_params(4000, H, W, torch.Generator().manual_seed(0))["resized_crop"].double()
     log_ratio = torch.log(crop[:, 3] / crop[:, 2])  # log(w / h)
     assert abs(log_ratio.mean().item() - math.log(W / H)) < 0.03
@@ -120,7 +122,7 @@ def test_color_ops_match_torchvision(C):
 def test_color_jitter_per_sample_order_and_defaults():
     x = _imgs(B=16)
     B, C, H, W = x.shape
-    bt = augment.BatchTransform(data.Preprocess(), ["jitter"])
+    bt = augment.BatchTransform(images.Preprocess(), ["jitter"])
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(5))
     fac, order = p["jitter"], p["jitter_order"]
     assert ((fac[:, :3] >= 0.8) & (fac[:, :3] <= 1.2)).all() and (fac[:, 3].abs() <= 0.1).all()
@@ -142,9 +144,9 @@ def test_cuda_pipeline_matches_cpu():
         pytest.skip("no CUDA device")
     n = 40
     u8 = (_imgs(B=n, H=64, W=64) * 255).round().to(torch.uint8)
-    dec = data.Decoded(u8.numpy(), torch.arange(n), [str(i) for i in range(n)])
-    loader = data.BatchLoader(dec, 16, shuffle=True, drop_last=False, device="cuda", seed=1)
-    bt = augment.BatchTransform(data.Preprocess(img_size=64), list(augment.AUG_NAMES), {})
+    dec = images.Decoded(u8.numpy(), torch.arange(n), [str(i) for i in range(n)])
+    loader = images.BatchLoader(dec, 16, shuffle=True, drop_last=False, device="cuda", seed=1)
+    bt = augment.BatchTransform(images.Preprocess(img_size=64), list(augment.AUG_NAMES), {})
     for x, y in loader:
         assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8
         gpu = bt(x, True, torch.Generator().manual_seed(int(y[0])))
@@ -163,7 +165,7 @@ def test_cuda_pipeline_matches_cpu():
 def test_erase_matches_torchvision_and_whole_transform():
     x = _imgs(B=8)
     B, C, H, W = x.shape
-    prep = data.Preprocess()
+    prep = images.Preprocess()
     bt = augment.BatchTransform(prep, None, {"p": 0.7})
     p = bt.sample_params(B, H, W, torch.Generator().manual_seed(6))
     out = augment.erase(x, p["erase"], 0.0)
@@ -178,7 +180,7 @@ def test_erase_matches_torchvision_and_whole_transform():
     ref = TF.normalize(u8.float() / 255, list(prep.mean), list(prep.std))
     torch.testing.assert_close(ev, ref, atol=1e-5, rtol=0)
     # reference augmentations: reproducible from the generator, different without
-    full = augment.BatchTransform(prep, list(augment.DEFAULT_AUGMENT), {})
+    full = augment.BatchTransform(prep, AugmentConfig().augment, {})
     a = full(u8, True, torch.Generator().manual_seed(7))
     b = full(u8, True, torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and a.dtype == torch.float32 and a.shape == u8.shape
@@ -187,7 +189,7 @@ def test_erase_matches_torchvision_and_whole_transform():
     full.cpu_chunk = B
     torch.testing.assert_close(full(u8, True, torch.Generator().manual_seed(7)), a, atol=1e-5, rtol=0)
     # grayscale batches and no normalization
-    gray = augment.BatchTransform(data.Preprocess(grayscale=True, normalize=False), list(augment.AUG_NAMES), {})
+    gray = augment.BatchTransform(images.Preprocess(grayscale=True, normalize=False), list(augment.AUG_NAMES), {})
     y = gray(u8[:, :1], True, torch.Generator().manual_seed(9))
     assert y.shape == (B, 1, H, W) and 0 <= y.min() and y.max() <= 1
 
@@ -202,7 +204,7 @@ def test_batch_transform_thread_pool_under_inference_mode(names):
     inherit that thread-local mode, so with 2+ threads and several chunks their in-place writes into the
     (inference) output tensor raised "Inplace update to inference tensor outside InferenceMode"."""
     u8 = (_imgs(B=12, H=32, W=32) * 255).round().to(torch.uint8)
-    bt = augment.BatchTransform(data.Preprocess(img_size=32), names)
+    bt = augment.BatchTransform(images.Preprocess(img_size=32), names)
     bt.threads = 2  # 12 images = 3 chunks of 4 on 2 pool threads
     want = bt(u8, train=names is not None, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -219,7 +221,7 @@ def test_batch_transform_thread_pool_under_inference_mode(names):
 @pytest.mark.parametrize("options", [{}, {"grayscale": True}, {"normalize": False},
                                      {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.25)}])
 def test_to_model_input_equals_the_training_transform_without_augmentation(options):
-    prep = data.Preprocess(img_size=16, **options)
+    prep = images.Preprocess(img_size=16, **options)
     u8 = torch.randint(0, 256, (9, prep.channels, 16, 16), dtype=torch.uint8)
     bt = augment.BatchTransform(prep, None, None)
     bt.threads = 2  # the chunked CPU path too

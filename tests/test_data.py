@@ -1,5 +1,5 @@
-"""data.py (layouts, splits, decode-once cache, bad images, loaders) and augment.py (batched augmentation vs
-torchvision)."""
+"""data.py (layouts, splits, the stats and cache commands), images.py (decode-once cache, bad images, loaders)
+and augment.py (batched augmentation vs torchvision)."""
 import json
 import os
 import shutil
@@ -18,6 +18,7 @@ from PIL import Image
 
 import augment
 import data
+import images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,49 +220,49 @@ def test_bbox_crop_uses_the_box_of_its_own_image(devkit, tmp_path):
         w, h = im.size
     box = (w - 20, h - 14, w - 4, h - 2)
     _img(tmp_path / "a.png", (w, h), (0, 0, 255), box, (0, 255, 0))
-    prep = data.Preprocess(img_size=16, crop_bbox=True)
-    x = data.load_image(tmp_path / "a.png", prep, box)
+    prep = images.Preprocess(img_size=16, crop_bbox=True)
+    x = images.load_image(tmp_path / "a.png", prep, box)
     assert x.shape == (3, 16, 16) and (x[1] == 255).all() and (x[0] == 0).all() and (x[2] == 0).all()
     # the decoded training set: each crop shows the red box of its own image only (JPEG: tolerance)
-    dec = data.decode_cached(spec.train, prep, tmp_path / "cache", desc="t")
+    dec = images.decode_cached(spec.train, prep, tmp_path / "cache", desc="t")
     red = torch.tensor([255, 0, 0]).view(1, 3, 1, 1)
     inner = torch.from_numpy(np.array(dec.images)).int()[:, :, 3:-3, 3:-3]  # JPEG chroma blurs the box edges
     frac = float(((inner - red).abs().amax(1) < 60).float().mean())
     assert frac > 0.97, frac
     # margin grows the box, clamped to the image
-    m = data.load_image(tmp_path / "a.png", data.Preprocess(img_size=16, crop_bbox=True, bbox_margin=5.0), box)
+    m = images.load_image(tmp_path / "a.png", images.Preprocess(img_size=16, crop_bbox=True, bbox_margin=5.0), box)
     assert (m[2] == 255).any()
 
 
 def test_erase_background_and_box_outside_image(tmp_path):
     _img(tmp_path / "i.png", (40, 40), (0, 0, 200), (10, 10, 30, 30), (0, 200, 0))
-    prep = data.Preprocess(img_size=40, erase_background=True)
-    x = data.load_image(tmp_path / "i.png", prep, (10, 10, 30, 30))
+    prep = images.Preprocess(img_size=40, erase_background=True)
+    x = images.load_image(tmp_path / "i.png", prep, (10, 10, 30, 30))
     assert (x[:, :8].sum() == 0) and (x[1, 12:28, 12:28] == 200).all()
     # the real data's boxes are in full-size pixels: a box past the image is ignored, never a crash
     recs = [data.Record(str(tmp_path / "i.png"), 0, (100, 100, 900, 700))]
     with pytest.warns(UserWarning, match="outside"):
-        dec = data.decode_cached(recs, data.Preprocess(img_size=8, crop_bbox=True), tmp_path / "c")
+        dec = images.decode_cached(recs, images.Preprocess(img_size=8, crop_bbox=True), tmp_path / "c")
     assert len(dec) == 1
     # partly outside: clamped
-    y = data.load_image(tmp_path / "i.png", data.Preprocess(img_size=8, crop_bbox=True), (20, 20, 500, 500))
+    y = images.load_image(tmp_path / "i.png", images.Preprocess(img_size=8, crop_bbox=True), (20, 20, 500, 500))
     assert y.shape == (3, 8, 8)
 
 
 def test_test_crop_keeps_the_centre_and_training_images_stay_whole(tmp_path):
     # blue 40x40 with a green square over 8..32: the central half of each side (10..30) is all green
     _img(tmp_path / "i.png", (40, 40), (0, 0, 200), (8, 8, 32, 32), (0, 200, 0))
-    whole, centre = data.Preprocess(img_size=20), data.Preprocess(img_size=20, test_crop=0.5)
-    x = data.load_image(tmp_path / "i.png", centre)
+    whole, centre = images.Preprocess(img_size=20), images.Preprocess(img_size=20, test_crop=0.5)
+    x = images.load_image(tmp_path / "i.png", centre)
     assert (x[1] == 200).all() and (x[2] == 0).all()
-    assert (data.load_image(tmp_path / "i.png", whole)[2, 0] == 200).all()  # the blue border is in the whole image
-    assert centre.for_training() == whole and data.Preprocess.from_dict(centre.to_dict()) == centre
+    assert (images.load_image(tmp_path / "i.png", whole)[2, 0] == 200).all()  # the blue border is in the whole image
+    assert centre.for_training() == whole and images.Preprocess.from_dict(centre.to_dict()) == centre
     # caches of whole images keep their names; a crop is part of the key
     assert "test_crop" not in whole.cache_key() and centre.cache_key()["test_crop"] == 0.5
-    dec = data.decode_cached([data.Record(str(tmp_path / "i.png"), 0, None)], centre, tmp_path / "c")
+    dec = images.decode_cached([data.Record(str(tmp_path / "i.png"), 0, None)], centre, tmp_path / "c")
     assert torch.equal(torch.as_tensor(np.array(dec.images[0])), x)
     with pytest.raises(data.DataError, match="--test-crop 1.5 is outside"):
-        data.Preprocess(img_size=20, test_crop=1.5)
+        images.Preprocess(img_size=20, test_crop=1.5)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,10 +295,10 @@ def _bad_set(d: Path):
 
 def test_bad_images_reported_by_name_and_modes_become_rgb(tmp_path):
     recs = _bad_set(tmp_path / "imgs")
-    prep = data.Preprocess(img_size=12)
+    prep = images.Preprocess(img_size=12)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        dec = data.decode_cached(recs, prep, tmp_path / "cache", desc="bad")
+        dec = images.decode_cached(recs, prep, tmp_path / "cache", desc="bad")
     msgs = [str(x.message) for x in w if "skipped" in str(x.message)]
     assert len(msgs) == 1, msgs  # one warning, with the count and every name
     bad = ["truncated.jpg", "corrupt.jpg", "empty.jpg", "text.jpg", "tiny.png", "missing.jpg"]
@@ -314,14 +315,14 @@ def test_bad_images_reported_by_name_and_modes_become_rgb(tmp_path):
     assert (imgs[2, 2, :, -4:] < 20).all()
     assert (imgs[3] > 250).all()  # 16-bit white scaled, not clipped garbage
     with pytest.warns(UserWarning, match="skipped 6"):
-        g = data.decode_cached(recs, data.Preprocess(img_size=12, grayscale=True), tmp_path / "cache", desc="bad")
+        g = images.decode_cached(recs, images.Preprocess(img_size=12, grayscale=True), tmp_path / "cache", desc="bad")
     assert g.images.shape == (5, 1, 12, 12)
     for n, reason in (("empty.jpg", "not an image"), ("text.jpg", "not an image"), ("missing.jpg", "missing"),
                       ("tiny.png", "too small")):
-        with pytest.raises(data.ImageError, match=reason):
-            data.load_image(tmp_path / "imgs" / n, prep)
-    with pytest.raises(data.ImageError, match="truncated|unreadable"):
-        data.load_image(tmp_path / "imgs" / "truncated.jpg", prep)
+        with pytest.raises(images.ImageError, match=reason):
+            images.load_image(tmp_path / "imgs" / n, prep)
+    with pytest.raises(images.ImageError, match="truncated|unreadable"):
+        images.load_image(tmp_path / "imgs" / "truncated.jpg", prep)
 
 
 def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
@@ -330,24 +331,24 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     for i in range(6):
         _img(d / f"{i}.png", (20, 20), (i * 40, 0, 0))
         recs.append(data.Record(str(d / f"{i}.png"), i % 2, None))
-    prep = data.Preprocess(img_size=10)
-    first = data.decode_cached(recs, prep, tmp_path / "c")
+    prep = images.Preprocess(img_size=10)
+    first = images.decode_cached(recs, prep, tmp_path / "c")
     calls = []
-    real = data._load
-    monkeypatch.setattr(data, "_load", lambda *a: calls.append(a) or real(*a))
-    again = data.decode_cached(recs, prep, tmp_path / "c")
+    real = images._load
+    monkeypatch.setattr(images, "_load", lambda *a: calls.append(a) or real(*a))
+    again = images.decode_cached(recs, prep, tmp_path / "c")
     assert calls == [] and np.array_equal(np.array(first.images), np.array(again.images))
     assert isinstance(again.images, np.memmap) and not again.images.flags.writeable
     # changing one image (content and mtime) invalidates the cache
     time.sleep(0.01)
     _img(d / "3.png", (20, 20), (0, 255, 0))
-    changed = data.decode_cached(recs, prep, tmp_path / "c")
+    changed = images.decode_cached(recs, prep, tmp_path / "c")
     assert len(calls) == 6 and changed.images[3, 1].min() == 255
     # other preprocessing -> another cache; normalization options do not matter
     calls.clear()
-    data.decode_cached(recs, data.Preprocess(img_size=10, normalize=False, mean=(0, 0, 0)), tmp_path / "c")
+    images.decode_cached(recs, images.Preprocess(img_size=10, normalize=False, mean=(0, 0, 0)), tmp_path / "c")
     assert calls == []
-    data.decode_cached(recs, data.Preprocess(img_size=12), tmp_path / "c")
+    images.decode_cached(recs, images.Preprocess(img_size=12), tmp_path / "c")
     assert len(calls) == 6
 
 
@@ -357,33 +358,33 @@ def test_cache_removes_superseded_and_orphaned_entries(tmp_path, capsys):
     the same images stay. `data.py cache` lists the entries and --clear deletes them."""
     cache = tmp_path / "c"
 
-    def images(folder):
+    def four_images(folder):
         recs = []
         for i in range(4):
             _img(folder / f"{i}.png", (20, 20), (i * 50, 0, 0))
             recs.append(data.Record(str(folder / f"{i}.png"), i % 2, None))
         return recs
 
-    recs = images(tmp_path / "a")
-    names = lambda: sorted(e["name"] for e in data.cache_entries(cache))  # noqa: E731
-    data.decode_cached(recs, data.Preprocess(img_size=10), cache, desc="a")
-    data.decode_cached(recs, data.Preprocess(img_size=12), cache, desc="a")
+    recs = four_images(tmp_path / "a")
+    names = lambda: sorted(e["name"] for e in images.cache_entries(cache))  # noqa: E731
+    images.decode_cached(recs, images.Preprocess(img_size=10), cache, desc="a")
+    images.decode_cached(recs, images.Preprocess(img_size=12), cache, desc="a")
     assert len(names()) == 2
     before = names()
     time.sleep(0.01)
     _img(tmp_path / "a" / "1.png", (20, 20), (0, 255, 0))  # new content and mtime
-    data.decode_cached(recs, data.Preprocess(img_size=10), cache, desc="a")
+    images.decode_cached(recs, images.Preprocess(img_size=10), cache, desc="a")
     after = names()
     assert len(after) == 2 and [n for n in before if "-12-" in n] == [n for n in after if "-12-" in n]
     assert [n for n in before if "-10-" in n] != [n for n in after if "-10-" in n]
     assert not list(cache.glob("*.tmp*")) and len(list(cache.glob("*.npy"))) == 2
 
-    other = images(tmp_path / "b")  # folder a is deleted: its entries go with the next build
+    other = four_images(tmp_path / "b")  # folder a is deleted: its entries go with the next build
     shutil.rmtree(tmp_path / "a")
     assert data.main(["cache", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
     assert out.count("(its images are gone)") == 2 and "total: 2 entries" in out
-    data.decode_cached(other, data.Preprocess(img_size=10), cache, desc="b")
+    images.decode_cached(other, images.Preprocess(img_size=10), cache, desc="b")
     assert len(names()) == 1 and names()[0].startswith("b-")
 
     assert data.main(["cache", "--cache-dir", str(cache), "--clear"]) == 0
@@ -396,25 +397,25 @@ def test_half_written_cache_is_rebuilt(tmp_path):
     recs = [data.Record(str(d / f"{i}.png"), 0, None) for i in range(4)]
     for r in recs:
         _img(r.path, (20, 20), (100, 50, 0))
-    prep = data.Preprocess(img_size=8)
+    prep = images.Preprocess(img_size=8)
     cache = tmp_path / "c"
-    good = np.array(data.decode_cached(recs, prep, cache).images)
+    good = np.array(images.decode_cached(recs, prep, cache).images)
     name = next(cache.glob("*.json")).name[:-5]
     arr, meta = cache / f"{name}.npy", cache / f"{name}.json"
     # 1) array truncated after the marker was written (disk trouble): rebuilt
     arr.write_bytes(arr.read_bytes()[:200])
-    assert np.array_equal(np.array(data.decode_cached(recs, prep, cache).images), good)
+    assert np.array_equal(np.array(images.decode_cached(recs, prep, cache).images), good)
     # 2) killed before the marker: array present, no marker -> rebuilt, never trusted
     meta.unlink()
     arr.write_bytes(arr.read_bytes()[:-50])
-    assert np.array_equal(np.array(data.decode_cached(recs, prep, cache).images), good)
+    assert np.array_equal(np.array(images.decode_cached(recs, prep, cache).images), good)
     # 3) a marker that is not complete, plus a temp file of a dead process -> removed and rebuilt
     m = json.loads(meta.read_text())
     m["complete"] = False
     meta.write_text(json.dumps(m))
     stale = cache / f"{name}.npy.tmp999999999-abc"
     stale.write_bytes(b"partial")
-    assert np.array_equal(np.array(data.decode_cached(recs, prep, cache).images), good)
+    assert np.array_equal(np.array(images.decode_cached(recs, prep, cache).images), good)
     assert not stale.exists()
 
 
@@ -425,11 +426,11 @@ def test_killed_build_subprocess_then_restart(tmp_path):
     for r in recs:
         _img(r.path, (20, 20), (0, 80, 160))
     cache = tmp_path / "c"
-    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import data\n"
-              "real = data._load\n"
-              "data._load = lambda *a: (time.sleep(0.2), real(*a))[1]\n"
+    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import data, images\n"
+              "real = images._load\n"
+              "images._load = lambda *a: (time.sleep(0.2), real(*a))[1]\n"
               f"recs = [data.Record({str(d)!r} + f'/{{i}}.png', 0, None) for i in range(40)]\n"
-              f"data.decode_cached(recs, data.Preprocess(img_size=8), {str(cache)!r}, workers=1)\n")
+              f"images.decode_cached(recs, images.Preprocess(img_size=8), {str(cache)!r}, workers=1)\n")
     p = subprocess.Popen([sys.executable, "-c", script])
     try:
         t0 = time.time()
@@ -441,7 +442,7 @@ def test_killed_build_subprocess_then_restart(tmp_path):
         p.kill()
         p.wait()
     assert not list(cache.glob("*.json"))  # no completion marker from the killed build
-    dec = data.decode_cached(recs, data.Preprocess(img_size=8), cache)
+    dec = images.decode_cached(recs, images.Preprocess(img_size=8), cache)
     assert len(dec) == 40 and not list(cache.glob("*.tmp*"))
 
 
@@ -451,8 +452,8 @@ def test_killed_build_subprocess_then_restart(tmp_path):
 def test_batch_loader_order_and_alignment():
     n = 23
     imgs = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
-    dec = data.Decoded(imgs.numpy(), torch.arange(n), [str(i) for i in range(n)])
-    bl = data.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
+    dec = images.Decoded(imgs.numpy(), torch.arange(n), [str(i) for i in range(n)])
+    bl = images.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
     assert len(bl) == 5
 
     def epoch(loader, e):
@@ -465,41 +466,43 @@ def test_batch_loader_order_and_alignment():
     e0 = epoch(bl, 0)
     assert sorted(e0) == list(range(n)) and e0 != list(range(n))
     assert epoch(bl, 0) == e0 and epoch(bl, 1) != e0
-    bl2 = data.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
+    bl2 = images.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
     assert epoch(bl2, 1) == epoch(bl, 1)  # order depends only on (seed, epoch)
-    dl = data.BatchLoader(dec, 5, shuffle=False, drop_last=True)
+    dl = images.BatchLoader(dec, 5, shuffle=False, drop_last=True)
     assert len(dl) == 4 and epoch(dl, 0) == list(range(20))
-    td = data.Decoded(imgs, torch.arange(n), [str(i) for i in range(n)])  # tensor images work too
-    assert epoch(data.BatchLoader(td, 7, False, False), 0) == list(range(n))
+    td = images.Decoded(imgs, torch.arange(n), [str(i) for i in range(n)])  # tensor images work too
+    assert epoch(images.BatchLoader(td, 7, False, False), 0) == list(range(n))
 
 
-def test_args_preprocess_and_augment_dicts():
-    import argparse
-    ap = argparse.ArgumentParser()
-    data.add_data_args(ap)
-    augment.add_augment_args(ap)
-    args = ap.parse_args([])
-    aug, er = augment.augment_from_args(args)
+def test_config_to_preprocess_and_augment_dicts():
+    import config
+
+    def parse(*argv):
+        return config.from_command_line(list(argv)).cfg
+
+    aug, er = augment.augment_from_config(parse().augment)
     assert list(aug) == ["flip", "affine", "jitter"] and er is None
     assert aug["affine"]["degrees"] == 25 and aug["affine"]["translate"] == (0.1, 0.1)
     assert aug["affine"]["scale"] == (0.9, 1.1) and aug["affine"]["shear"] == 8
     assert aug["jitter"] == {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1}
-    assert aug["flip"] == {"p": 0.5} and augment.BatchTransform(data.Preprocess(), aug).mode == "nearest"
+    assert aug["flip"] == {"p": 0.5} and augment.BatchTransform(images.Preprocess(), aug).mode == "nearest"
     json.dumps(aug)
-    assert augment.augment_from_args(ap.parse_args(["--augment", "none"]))[0] is None
-    aug, er = augment.augment_from_args(ap.parse_args(["--augment", "perspective", "resized_crop", "--erase"]))
-    assert augment.BatchTransform(data.Preprocess(), aug, er).mode == "bilinear" and er["p"] == 0.5
+    assert augment.resolve_augment(["flip", "affine", "jitter"]) == aug  # the defaults are written once
+    assert augment.augment_from_config(parse("--augment", "none").augment)[0] is None
+    aug, er = augment.augment_from_config(parse("--augment", "perspective", "resized_crop", "--erase").augment)
+    assert augment.BatchTransform(images.Preprocess(), aug, er).mode == "bilinear" and er["p"] == 0.5
     with pytest.raises(data.DataError, match="unknown augmentation 'blur'"):
-        augment.augment_from_args(ap.parse_args(["--augment", "flip", "blur"]))
-    prep = data.preprocess_from_args(ap.parse_args([]))
-    assert prep == data.Preprocess() and prep.mean == (0.4707, 0.4602, 0.455) and prep.img_size == 227
-    assert data.Preprocess.from_dict(prep.to_dict()) == prep
+        augment.augment_from_config(parse("--augment", "flip", "blur").augment)
+    prep = images.preprocess_of(parse().data)
+    assert prep == images.Preprocess() and prep.mean == (0.4707, 0.4602, 0.455) and prep.img_size == 227
+    assert images.Preprocess.from_dict(prep.to_dict()) == prep
     json.dumps(prep.to_dict())
-    g = data.preprocess_from_args(ap.parse_args(["--grayscale", "--crop-bbox", "--bbox-margin", "0.1"]))
-    assert g.channels == 1 and g.mean == data.GRAY_MEAN and g.crop_bbox and g.bbox_margin == 0.1
-    assert data.Preprocess(grayscale=True).mean == data.GRAY_MEAN  # RGB defaults -> gray defaults
+    g = images.preprocess_of(parse("--grayscale", "--crop-bbox", "--bbox-margin", "0.1").data)
+    assert g.channels == 1 and g.mean == images.GRAY_MEAN and g.crop_bbox and g.bbox_margin == 0.1
+    assert images.preprocess_of(parse("--img-size", "128x96").data).img_size == (96, 128)
+    assert images.Preprocess(grayscale=True).mean == images.GRAY_MEAN  # RGB defaults -> gray defaults
     with pytest.raises(data.DataError, match="--mean"):
-        data.Preprocess(grayscale=True, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
+        images.Preprocess(grayscale=True, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
 
 
 def test_make_demo_dataset_and_stats_cli(tmp_path, capsys):
@@ -548,7 +551,7 @@ def test_real_data_decodes_with_bbox_crop(real_data, tmp_path):
     recs = spec.test[:40]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real boxes are in full-size pixels: many fall outside
-        dec = data.decode_cached(recs, data.Preprocess(img_size=32, crop_bbox=True, bbox_margin=0.1), tmp_path)
+        dec = images.decode_cached(recs, images.Preprocess(img_size=32, crop_bbox=True, bbox_margin=0.1), tmp_path)
     assert dec.images.shape == (40, 3, 32, 32) and not dec.skipped
 
 

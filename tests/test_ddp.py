@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from train_hooks import state_hash
+
 REPO = Path(__file__).resolve().parents[1]
 # one OpenMP thread per rank (two ranks share the CI's cores)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -46,8 +48,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @needs_gloo
 def test_two_ranks_then_resume_on_one(tmp_path, tiny):
-    import train
-    from model import load_checkpoint
+    from runs import load_checkpoint
     out = tmp_path / "runs"
     common = ["--cache-dir", tmp_path / "cache", "--device", "cpu", "--threads", 1]
     proc = torchrun(2, "--data", tiny, "--out", out, *common, "--img-size", 32, "--batch-size", 7, "--epochs", 2,
@@ -65,7 +66,7 @@ def test_two_ranks_then_resume_on_one(tmp_path, tiny):
     assert [r["epoch"] for r in reports] == [2, 2]
     assert reports[0]["state_sha256"] == reports[1]["state_sha256"]  # identical weights and buffers on all ranks
     ckpt = load_checkpoint(run / "last.pt")
-    assert train.state_hash(ckpt["model"]) == reports[0]["state_sha256"]  # rank 0 saved what every rank holds
+    assert state_hash(ckpt["model"]) == reports[0]["state_sha256"]  # rank 0 saved what every rank holds
     # validation: 8 + 7 images (2 batches on rank 0, 1 on rank 1), each counted once, the sums agree everywhere
     assert sorted(r["val_seen_rank"] for r in reports) == [7, 8]
     assert all(r["val_seen"] == 15 for r in reports)
@@ -89,7 +90,7 @@ def test_two_ranks_then_resume_on_one(tmp_path, tiny):
 def test_two_ranks_of_16_equal_one_process_of_32(tmp_path, tiny):
     """DDP averages the gradients of the two halves of the global batch: without BatchNorm (squeezenet),
     dropout or augmentation, that is one process's step on the whole batch, to float rounding."""
-    from model import load_checkpoint
+    from runs import load_checkpoint
     common = ["--data", tiny, "--out", tmp_path, "--cache-dir", tmp_path / "cache", "--device", "cpu",
               "--img-size", 32, "--epochs", 2, "--arch", "squeezenet1_1", "--dropout", 0, "--augment", "none",
               "--optimizer", "sgd", "--momentum", 0.9, "--wd", 0, "--lr", 0.05, "--label-smoothing", 0,
@@ -138,15 +139,16 @@ def test_sync_bn_on_cpu_is_refused(monkeypatch, capsys, tmp_path):
 
 def test_batch_loader_shards():
     import data
+    import images
     n = 37
-    d = data.Decoded(images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), labels=torch.arange(n),
-                     paths=[str(i) for i in range(n)], skipped=[])
+    d = images.Decoded(images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), labels=torch.arange(n),
+                       paths=[str(i) for i in range(n)], skipped=[])
     for drop_last in (True, False):
-        whole = data.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3)
+        whole = images.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3)
         whole.set_epoch(2)
         got = []
         for r in range(3):
-            shard = data.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3, rank=r, world_size=3)
+            shard = images.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3, rank=r, world_size=3)
             shard.set_epoch(2)
             labels = [y for _, y in shard]
             assert len(labels) == len(shard)
@@ -158,11 +160,11 @@ def test_batch_loader_shards():
         else:  # every image exactly once, no padding
             assert sorted(flat) == list(range(n)) and [len(g) for g in got] == [13, 12, 12]
     # one rank of one is the unsharded loader
-    a = data.BatchLoader(d, 5, True, False, seed=1)
-    b = data.BatchLoader(d, 5, True, False, seed=1, rank=0, world_size=1)
+    a = images.BatchLoader(d, 5, True, False, seed=1)
+    b = images.BatchLoader(d, 5, True, False, seed=1, rank=0, world_size=1)
     assert [y.tolist() for _, y in a] == [y.tolist() for _, y in b] and len(a) == len(b)
     with pytest.raises(data.DataError):
-        data.BatchLoader(d, 4, True, False, rank=3, world_size=3)
+        images.BatchLoader(d, 4, True, False, rank=3, world_size=3)
 
 
 def test_sync_bn_ghost_modules_route_through_their_bn_modules():
@@ -174,7 +176,7 @@ def test_sync_bn_ghost_modules_route_through_their_bn_modules():
     plain = build_model("ghostnet", 3, width=0.25, dropout=0.0, ghost_op="torch").train()  # no dropout: same output
     synced = convert_sync_batchnorm(copy.deepcopy(plain))
     ghosts = [m for m in synced.modules() if isinstance(m, GhostModule)]
-    assert ghosts and all(m.through_modules for m in ghosts)
+    assert ghosts and all(m.path == "modules" for m in ghosts)
     assert isinstance(next(m for m in synced.modules() if isinstance(m, GhostModule)).cheap_operation[1],
                       torch.nn.SyncBatchNorm)
     x = torch.randn(4, 3, 32, 32)

@@ -13,8 +13,10 @@ import torch
 
 import augment
 import data
+import images
 import evaluate
 import model as M
+import runs
 
 REPO = Path(__file__).resolve().parents[1]
 ENV1 = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread()
@@ -31,7 +33,7 @@ def make_checkpoint(path: Path, class_names: list[str], img_size: int = IMG, arc
     Random weights, with the BN running statistics jittered so the predictions differ between
     images and classes instead of being nearly uniform.
     """
-    prep = data.Preprocess(img_size=img_size, **prep_options)
+    prep = images.Preprocess(img_size=img_size, **prep_options)
     torch.manual_seed(seed)
     net = M.build_model(arch, len(class_names), in_channels=prep.channels)
     with torch.no_grad():
@@ -205,11 +207,11 @@ def test_tta_averages_flipped(ckpt, demo, tmp_path):
     assert m["tta"] is True
     check_against_recount(tmp_path, m, data.find_dataset(demo).class_names)
     # recompute one image by hand
-    c = M.load_checkpoint(ckpt)
-    prep = data.Preprocess.from_dict(c["preprocess"])
-    net = M.fuse_for_inference(M.model_from_checkpoint(c))
+    c = runs.load_checkpoint(ckpt)
+    prep = images.Preprocess.from_dict(c["preprocess"])
+    net = M.fuse_for_inference(runs.model_from_checkpoint(c))
     row = read_predictions(tmp_path / "predictions.csv")[0]
-    img = data.load_image(str(Path(data.find_dataset(demo).root) / row["file"]), prep)
+    img = images.load_image(str(Path(data.find_dataset(demo).root) / row["file"]), prep)
     x = augment.BatchTransform(prep, None, None)(img[None], train=False)
     with torch.no_grad():
         p = (net(x).softmax(1) + net(x.flip(3)).softmax(1)) / 2

@@ -257,8 +257,8 @@ def test_recipes_campaign_fast_args_reach_the_fast_runs_only():
     assert "128x96" not in study and study[study.index("--epochs") + 1] == "40"
     assert fast[-4:] == ["--img-size", "128x96", "--epochs", "34"]
     assert fast.count("--img-size") == 1 and fast.count("--epochs") == 1  # the command shows what ran, once
-    args, _ = __import__("train").parse_args(fast[2:])
-    assert args.img_size == (96, 128) and args.epochs == 34
+    cfg = __import__("config").from_command_line(fast[2:]).cfg
+    assert cfg.data.img_size == [96, 128] and cfg.train.epochs == 34
     import argparse
     campaign = argparse.Namespace(campaign="recipes", epochs=40, img_size=96, fast_args="--img-size 128x96 --epochs 34")
     assert "40 epochs at 96 px (fast runs: `--img-size 128x96 --epochs 34`)" in X.label(campaign)
@@ -314,7 +314,7 @@ def test_recipes_campaign_side_by_side_and_budget_curve(smoke, tmp_path):
     for r in res["experiments"]:
         assert r["state"] == "done" and r["train_wall_s"] > 0
         assert (tmp_path / "r1" / r["name"] / "final.pt").exists()
-        assert json.loads((tmp_path / "r1" / r["name"] / "config.json").read_text())["options"]["val_split"] == 0.0
+        assert json.loads((tmp_path / "r1" / r["name"] / "config.json").read_text())["config"]["data"]["val_split"] == 0.0
     md = (folders[0] / "results.md").read_text()
     t1 = [100 * r["test_top1"] for r in res["experiments"] if r["step"] == "fast"]
     import statistics

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import augment
-import data
+import images
 import export
 import model as M
+import runs
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = 64
@@ -59,9 +60,9 @@ def make_checkpoint(path: Path, arch: str, image_dir: Path, width: float = 1.0) 
     torch.manual_seed(0)
     opts = {"out_channels": 320, "dropout": 0.2, "in_channels": 3, "width": width}
     net = M.build_model(arch, len(CLASSES), ghost_op="torch", **opts)
-    prep = data.Preprocess(img_size=IMG)
+    prep = images.Preprocess(img_size=IMG)
     files = sorted(image_dir.iterdir())
-    u8 = torch.stack([data.load_image(str(f), prep) for f in files])
+    u8 = torch.stack([images.load_image(str(f), prep) for f in files])
     x = augment.BatchTransform(prep, None, None)(u8, train=False)
     y = torch.arange(len(x)) % len(CLASSES)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -99,10 +100,10 @@ def ckpts(tmp_path_factory, image_dir) -> dict[str, Path]:
 
 def reference_logits(ckpt_path: Path, image_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalized inputs, logits of the unfused float32 PyTorch model) on the test images."""
-    ckpt = M.load_checkpoint(ckpt_path)
+    ckpt = runs.load_checkpoint(ckpt_path)
     x, _ = export.verify_inputs(ckpt["preprocess"], [str(image_dir)], 8)
     with torch.no_grad():
-        return x, M.model_from_checkpoint(ckpt, ghost_op="torch").eval()(x)
+        return x, runs.model_from_checkpoint(ckpt, ghost_op="torch").eval()(x)
 
 
 def max_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -110,7 +111,7 @@ def max_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_metadata(meta: dict, ckpt_path: Path) -> None:
-    ckpt = M.load_checkpoint(ckpt_path)
+    ckpt = runs.load_checkpoint(ckpt_path)
     assert meta["class_names"] == ckpt["class_names"]
     assert meta["preprocess"] == ckpt["preprocess"]
     assert meta["arch"] == ckpt["arch"]

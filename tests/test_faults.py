@@ -158,7 +158,7 @@ def test_init_from_a_damaged_file_is_one_line(how, finished_run, tmp_path, tiny_
 
 @pytest.mark.parametrize("case", ["nan", "inf", "shape", "pickled_code"])
 def test_unsafe_or_broken_weights_are_refused_with_the_reason(case, finished_run, tmp_path):
-    import model as M
+    import runs
     ckpt = torch.load(finished_run / "best.pt", weights_only=True)
     key = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and v.ndim == 4)
     if case == "nan":
@@ -172,5 +172,5 @@ def test_unsafe_or_broken_weights_are_refused_with_the_reason(case, finished_run
     path = tmp_path / "best.pt"
     torch.save(ckpt, path)
     want = {"nan": "NaN or inf", "inf": "NaN or inf", "shape": "has shape", "pickled_code": "could run code"}[case]
-    with pytest.raises(M.CheckpointError, match=want):
-        M.load_checkpoint(path)
+    with pytest.raises(runs.CheckpointError, match=want):
+        runs.load_checkpoint(path)

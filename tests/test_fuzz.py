@@ -1,4 +1,4 @@
-"""Untrusted image bytes into the decoder every image goes through (data.load_image: predict.py, serve.py, the
+"""Untrusted image bytes into the decoder every image goes through (images.load_image: predict.py, serve.py, the
 dataset cache): never an exception other than one ImageError line. The long run (20,000 inputs, with timings
 and memory) is benchmarks/fuzz_images.py; these are its short versions."""
 import sys
@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import data  # noqa: E402
+import images  # noqa: E402
 import fuzz_images  # noqa: E402
 
-PREP = data.Preprocess(img_size=32)
+PREP = images.Preprocess(img_size=32)
 
 
 def test_mutated_images_of_six_formats(tmp_path, real_data):

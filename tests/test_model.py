@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ghost_ext
 import model as M
+import runs
 from ghost_ext import reference
 
 warnings.filterwarnings("ignore", message="ghost_ext")
@@ -237,6 +238,40 @@ def test_ghost_ops_give_the_same_model():
     assert all(m.ghost_op == "torch" for m in b.modules() if isinstance(m, M.GhostModule))
 
 
+def test_ghost_module_one_path_switch():
+    """GhostModule.path is the one switch: "op" by default, "modules" after convert_sync_batchnorm, "fused"
+    after fuse_for_inference; the SyncBatchNorm
+    path keeps the state_dict keys; the path alone, not a second dispatch in model.py, decides the forward."""
+    net = M.build_model("ghostnet", 5, width=0.25, dropout=0.0, ghost_op="torch")
+    ghosts = lambda m: [g for g in m.modules() if isinstance(g, M.GhostModule)]  # noqa: E731
+    assert all(g.path == "op" for g in ghosts(net))
+    synced = M.convert_sync_batchnorm(copy.deepcopy(net))
+    assert all(g.path == "modules" for g in ghosts(synced))
+    fused = M.fuse_for_inference(net.eval())
+    assert all(g.path == "fused" for g in ghosts(fused))
+    assert net.state_dict().keys() == synced.state_dict().keys()
+    assert not hasattr(M, "_ext_kernel") and not hasattr(M, "_EXT_KERNEL")  # ghost_ext decides, alone
+
+    gm = ghosts(fused)[0]
+    assert M.convert_sync_batchnorm(gm).path == "fused"  # a folded module keeps its (eval-only) path
+
+
+@pytest.mark.parametrize("ghost_op", M.GHOST_OPS)
+def test_fused_ghost_module_asks_ghost_ext(monkeypatch, ghost_op):
+    """The fused path hands the folded tensors and the ghost op's impl to ghost_ext.ghost_concat_folded,
+    which chooses kernels or reference; model.py has no branch of its own."""
+    gm = M.GhostModule(4, 7, relu=True, ghost_op=ghost_op).eval()
+    M._fuse_ghost_module(gm)
+    calls = []
+    real = ghost_ext.ghost_concat_folded
+    monkeypatch.setattr(ghost_ext, "ghost_concat_folded", lambda *a, **k: calls.append(k["impl"]) or real(*a, **k))
+    if ghost_op == "ext" and not ghost_ext.has_kernel("cpu"):
+        pytest.skip("needs the extension's CPU kernels")
+    with torch.no_grad():
+        out = gm(torch.randn(2, 4, 5, 5))
+    assert calls == [ghost_op] and out.shape == (2, 7, 5, 5) and out.is_contiguous()
+
+
 # ----------------------------------------------------------------------------------------------
 # inference folding
 
@@ -310,8 +345,8 @@ def _checkpoint(arch="ghostnet", n=4, **over) -> dict:
 
 
 def _one_line_error(path, match: str) -> str:
-    with pytest.raises(M.CheckpointError, match=match) as e:
-        M.load_checkpoint(path)
+    with pytest.raises(runs.CheckpointError, match=match) as e:
+        runs.load_checkpoint(path)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg
     return msg
@@ -320,8 +355,8 @@ def _one_line_error(path, match: str) -> str:
 def test_checkpoint_round_trip(tmp_path):
     ckpt = _checkpoint()
     torch.save(ckpt, tmp_path / "best.pt")
-    loaded = M.load_checkpoint(tmp_path / "best.pt")
-    m = M.model_from_checkpoint(loaded, ghost_op="torch")
+    loaded = runs.load_checkpoint(tmp_path / "best.pt")
+    m = runs.model_from_checkpoint(loaded, ghost_op="torch")
     assert not m.training
     ref = M.build_model("ghostnet", 4, out_channels=32, ghost_op="torch").eval()
     ref.load_state_dict(ckpt["model"])
@@ -379,7 +414,7 @@ def test_checkpoint_peer_arch(tmp_path):
     m = M.build_model("mobilenet_v3_small", 3)
     ck = _checkpoint(arch="mobilenet_v3_small", n=3, model=m.state_dict())
     torch.save(ck, tmp_path / "m.pt")
-    assert isinstance(M.model_from_checkpoint(M.load_checkpoint(tmp_path / "m.pt")), nn.Module)
+    assert isinstance(runs.model_from_checkpoint(runs.load_checkpoint(tmp_path / "m.pt")), nn.Module)
 
 
 # ----------------------------------------------------------------------------------------------

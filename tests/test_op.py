@@ -338,6 +338,50 @@ def test_reference_path_when_extension_missing(monkeypatch):
         ghost_ext.ghost_concat(*t, True, 0.1, 1e-5, True, 7, impl="ext")
 
 
+def test_require_kernels(monkeypatch):
+    """The early check train.py makes for --ghost-op ext: a one-line RuntimeError naming the fix where the
+    build has no kernels for the device type; "auto" and "torch" always pass."""
+    for impl in ("auto", "torch"):
+        for device in ("cpu", "cuda", torch.device("cuda:1")):
+            ghost_ext.require_kernels(impl, device)
+    with pytest.raises(ValueError, match="impl"):
+        ghost_ext.require_kernels("fast", "cpu")
+    if ghost_ext.has_kernel("cpu"):
+        ghost_ext.require_kernels("ext", torch.device("cpu"))
+    monkeypatch.setitem(ghost_ext._KERNELS, "cuda", False)
+    for device in ("cuda", torch.device("cuda:0")):
+        with pytest.raises(RuntimeError, match=r"no cuda kernels here; build it with `pip install") as e:
+            ghost_ext.require_kernels("ext", device)
+        assert "\n" not in str(e.value) and "'auto'" in str(e.value)
+    monkeypatch.setattr(ghost_ext, "_EXT_ERROR", "No module named 'ghost_ext._C'")
+    with pytest.raises(RuntimeError, match="no cpu kernels"):
+        ghost_ext.require_kernels("ext", "cpu")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("impl", ["auto", "ext", "torch"])
+def test_folded_entry_takes_the_op_dispatch(monkeypatch, channels_last, impl):
+    """ghost_concat_folded runs wherever ghost_concat would (one dispatch, _kernels_chosen); where that is
+    the reference it skips the identity BatchNorm (reference.ghost_concat_folded), same numbers."""
+    if impl == "ext" and not ghost_ext.has_kernel("cpu"):
+        pytest.skip("needs the extension's CPU kernels")
+    x, w, _gb, bias, _rm, _rv = make_inputs(2, 4, 5, 5, 3, channels_last=channels_last)
+    ones, zeros, var = torch.ones(4), torch.zeros(4), torch.full((4,), 1.0 - 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want_kernels = ghost_ext._kernels_chosen(impl, (x, w, ones, bias, zeros, var, False, 0.0, 1e-5, True, 7))
+    calls = []
+    real = ghost_ext.reference.ghost_concat_folded
+    monkeypatch.setattr(ghost_ext.reference, "ghost_concat_folded", lambda *a: calls.append(1) or real(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ghost_ext.ghost_concat_folded(x, w, ones, bias, zeros, var, 1e-5, True, 7, impl=impl)
+        want = ghost_ext.ghost_concat(x, w, ones, bias, zeros, var, False, 0.0, 1e-5, True, 7, impl="torch")
+    assert bool(calls) == (not want_kernels)
+    assert want_kernels == (impl == "ext" or (impl == "auto" and HAS_EXT and not channels_last))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_path_mixed_dtypes():
     """impl='torch' with bf16 x and float32 weights outside autocast works too."""
     x, w, gb, bb, rm, rv = make_inputs(2, 4, 5, 5, 3, torch.bfloat16)

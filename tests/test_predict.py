@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import augment
-import data
+import runs
+import images
 import model as M
 import predict
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_checkpoint(path: Path, class_names: list[str] = CLASSES, img_size: int = IMG, seed: int = 0,
                     **prep_options) -> Path:
     """A checkpoint in the shared format, written directly (random weights; no training needed)."""
-    prep = data.Preprocess(img_size=img_size, **prep_options)
+    prep = images.Preprocess(img_size=img_size, **prep_options)
     torch.manual_seed(seed)
     net = M.build_model("ghostnet", len(class_names), in_channels=prep.channels)
     ckpt = {"format": "ghostcars-v1", "arch": "ghostnet", "num_classes": len(class_names),
@@ -95,11 +96,11 @@ def test_json_matches_model(ckpt, good, capsys):
     assert len(top) == 3 and all(t["class"] == CLASSES[t["index"]] for t in top)
     assert sum(t["probability"] for t in top) <= 1 + 1e-6
     # identical to the unfused checkpoint model fed by load_image (the training preprocessing)
-    c = M.load_checkpoint(ckpt)
-    prep = data.Preprocess.from_dict(c["preprocess"])
-    x = augment.BatchTransform(prep, None, None)(data.load_image(str(good), prep)[None], train=False)
+    c = runs.load_checkpoint(ckpt)
+    prep = images.Preprocess.from_dict(c["preprocess"])
+    x = augment.BatchTransform(prep, None, None)(images.load_image(str(good), prep)[None], train=False)
     with torch.no_grad():
-        p = M.model_from_checkpoint(c)(x).softmax(1)[0]
+        p = runs.model_from_checkpoint(c)(x).softmax(1)[0]
     assert [t["index"] for t in top] == p.topk(3).indices.tolist()
     assert [t["probability"] for t in top] == pytest.approx(p.topk(3).values.tolist(), abs=1e-4)
 
@@ -123,14 +124,14 @@ def test_newest_checkpoint_used(tmp_path, good, capsys, monkeypatch):
     make_checkpoint(tmp_path / "runs" / "new" / "best.pt", seed=2)
     os.utime(old, (1e9, 1e9))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(predict, "REPO", tmp_path)
+    monkeypatch.setattr(runs, "REPO", tmp_path)
     rc, out, err = run_main([good], capsys)
     assert rc == 0 and "runs/new/best.pt" in err and "old" not in err
 
 
 def test_no_checkpoint_says_how_to_train(tmp_path, good, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(predict, "REPO", tmp_path)
+    monkeypatch.setattr(runs, "REPO", tmp_path)
     rc, out, err = run_main([good], capsys)
     assert rc == 2 and out == ""
     assert err.startswith("error:") and "train.py" in err and len(err.strip().splitlines()) == 1
@@ -351,7 +352,7 @@ def _tiny_onnx(path: Path, meta: dict[str, str] | None) -> Path:
 
 def test_onnx_model(tmp_path, good, capsys):
     pytest.importorskip("onnxruntime")
-    prep = data.Preprocess(img_size=IMG)
+    prep = images.Preprocess(img_size=IMG)
     meta = {"class_names": json.dumps(CLASSES), "preprocess": json.dumps(prep.to_dict()), "arch": "tiny"}
     f = _tiny_onnx(tmp_path / "m.onnx", meta)
     rc, out, err = run_main([good, good, "--model", f, "--json"], capsys)

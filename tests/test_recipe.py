@@ -13,23 +13,30 @@ import pytest
 import torch
 import torch.nn as nn
 
-import data
+import config
+import distributed
+import images
+import learner
 import train
-from test_train import REPO, TIMING, kill_inside_epoch_2, read_rows, run_train
+from test_train import REPO, TIMING, kill_inside_epoch_2, parse, read_rows, run_train
+
+
+FAST = config.read_file(config.RECIPES_DIR / "fast.yaml")  # flat {option: value} of the recipe file
+DEMO = config.read_file(config.RECIPES_DIR / "demo.yaml")
 
 
 def test_lr_factor_warms_up_then_decays_to_about_zero():
     total, warmup = 100, 10
-    f = [train.lr_factor(s, total, warmup, "cosine") for s in range(total)]
+    f = [learner.lr_factor(s, total, warmup, "cosine") for s in range(total)]
     assert f[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])  # linear from 1/10 to 1
     assert f[warmup] == 1.0 and all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))  # monotone decay
     assert 0 < f[-1] < 1e-3  # the last step runs at about zero, not at zero (that step would be wasted)
     mid = warmup + (total - warmup) // 2
     assert f[mid] == pytest.approx(0.5, abs=1e-12)  # cosine: half way down at half the decay
-    lin = [train.lr_factor(s, total, 0, "linear") for s in range(total)]
+    lin = [learner.lr_factor(s, total, 0, "linear") for s in range(total)]
     assert lin[0] == 1.0 and lin[-1] == pytest.approx(1 / total) and lin[50] == pytest.approx(0.5)
-    assert [train.lr_factor(s, total, 4, "none") for s in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]
-    floor = [train.lr_factor(s, total, 0, "cosine", floor=0.1) for s in (0, total - 1)]
+    assert [learner.lr_factor(s, total, 4, "none") for s in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]
+    floor = [learner.lr_factor(s, total, 0, "cosine", floor=0.1) for s in (0, total - 1)]
     assert floor[0] == 1.0 and floor[1] == pytest.approx(0.1, abs=1e-3)
 
 
@@ -46,7 +53,7 @@ def test_scheduler_steps_per_optimizer_step_and_resumes_to_the_same_values():
     def run(stop=None, state=None):
         p = nn.Parameter(torch.zeros(1))
         opt = torch.optim.SGD([p], lr=0.1)
-        sched, per_step = train.make_scheduler(_sched_args(), opt, steps_per_epoch=10)
+        sched, per_step = learner.make_scheduler(_sched_args(), opt, steps_per_epoch=10)
         assert per_step
         if state is not None:
             opt.load_state_dict(state[0])
@@ -71,21 +78,21 @@ def test_scheduler_steps_per_optimizer_step_and_resumes_to_the_same_values():
 
 def test_per_epoch_schedules_are_unchanged_and_refuse_warmup():
     p = nn.Parameter(torch.zeros(1))
-    sched, per_step = train.make_scheduler(_sched_args(scheduler="multistep", warmup_epochs=0),
+    sched, per_step = learner.make_scheduler(_sched_args(scheduler="multistep", warmup_epochs=0),
                                            torch.optim.SGD([p], lr=0.1), 10)
     assert isinstance(sched, torch.optim.lr_scheduler.MultiStepLR) and not per_step
-    assert train.make_scheduler(_sched_args(scheduler="none", warmup_epochs=0), torch.optim.SGD([p], lr=0.1),
+    assert learner.make_scheduler(_sched_args(scheduler="none", warmup_epochs=0), torch.optim.SGD([p], lr=0.1),
                                 10) == (None, False)
-    args, _ = train.parse_args(["--warmup-epochs", "1"])  # multistep (the study's) + warm-up
-    with pytest.raises(train.TrainError, match="warmup-epochs"):
-        train.check_options(args)
+    cfg = config.from_command_line(["--warmup-epochs", "1"]).cfg  # multistep (the study's) + warm-up
+    with pytest.raises(config.ConfigError, match="warmup-epochs"):
+        config.check(cfg)
 
 
 def test_ema_matches_a_hand_recount_including_batchnorm_statistics():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     decay = 0.9
-    ema = train.make_ema(net, decay)
+    ema = learner.make_ema(net, decay)
     expect = {k: v.clone().double() for k, v in net.state_dict().items()}
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     for n in range(1, 30):  # the first update copies; then decay ramps up as min(decay, (1+n)/(10+n))
@@ -111,9 +118,9 @@ def test_ema_matches_a_hand_recount_including_batchnorm_statistics():
 
 def test_param_groups_spare_norms_and_biases_only_when_asked():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    one = train.param_groups(net, 0.6, wd_norm_bias=True)  # the study: decay on everything
+    one = learner.param_groups(net, 0.6, wd_norm_bias=True)  # the study: decay on everything
     assert len(one) == 1 and one[0]["weight_decay"] == 0.6 and len(one[0]["params"]) == 6
-    two = train.param_groups(net, 0.05, wd_norm_bias=False)
+    two = learner.param_groups(net, 0.05, wd_norm_bias=False)
     decayed, spared = two[0]["params"], two[1]["params"]
     assert two[0]["weight_decay"] == 0.05 and two[1]["weight_decay"] == 0.0
     assert {id(p) for p in decayed} == {id(net[0].weight), id(net[3].weight)}
@@ -128,16 +135,16 @@ def test_param_groups_spare_norms_and_biases_only_when_asked():
 
 
 def test_recipe_presets_and_explicit_flags():
-    study, _ = train.parse_args([])
+    study, _ = parse([])
     assert (study.recipe, study.scheduler, study.warmup_epochs, study.ema, study.wd_norm_bias) == \
         ("study", "multistep", 0.0, 0.0, True)
-    fast, explicit = train.parse_args(["--recipe", "fast", "--lr", "0.01"])
-    for k, v in train.RECIPES["fast"].items():
+    fast, explicit = parse(["--recipe", "fast", "--lr", "0.01"])
+    for k, v in FAST.items():
         assert getattr(fast, k) == (0.01 if k == "lr" else v), k
     assert explicit == {"recipe", "lr"}
     assert fast.img_size == study.img_size  # a recipe sets training values, not the input the user chose
-    demo, _ = train.parse_args(["--recipe", "fast", "--demo"])
-    assert demo.img_size == train.DEMO_DEFAULTS["img_size"] and demo.ema == train.RECIPES["fast"]["ema"]
+    demo, _ = parse(["--recipe", "fast", "--demo"])
+    assert demo.img_size == DEMO["img_size"] and demo.ema == FAST["ema"]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +182,7 @@ def test_fast_recipe_writes_ema_weights_to_best_and_final(tmp_path, tiny):
     assert (at40["img_size"], at40["train_img_size"], at32["img_size"]) == (40, 32, 32)
     assert at40["loss"] != at32["loss"]  # other pixels went in
     # the fast recipe's test crop travels in the checkpoint: evaluation (and predict.py) use it unless told
-    assert final["preprocess"]["test_crop"] == train.RECIPES["fast"]["test_crop"] == at32["test_crop"]
+    assert final["preprocess"]["test_crop"] == FAST["test_crop"] == at32["test_crop"]
     assert evaluate.main(["--checkpoint", str(run / "final.pt"), "--data", str(data_dir), "--cache-dir", str(cache),
                           "--test-crop", "1", "--no-efficiency", "--tta", "--json", str(tmp_path / "whole.json")]) == 0
     whole = json.loads((tmp_path / "whole.json").read_text())["metrics"]
@@ -184,17 +191,17 @@ def test_fast_recipe_writes_ema_weights_to_best_and_final(tmp_path, tiny):
 
 def test_a_test_crop_cuts_validation_images_and_leaves_training_images_whole(tiny):
     data_dir, cache = tiny
-    args, _ = train.parse_args(["--data", str(data_dir), "--cache-dir", str(cache), "--img-size", "32",
-                                "--test-crop", "0.6"])
-    env = train.Setup(rank=0, world=1, local_rank=0, ddp=False, device=torch.device("cpu"), backend=None,
-                      ghost_op="torch", amp_dtype=None, scaler=None)
-    d = train.load_data(args, env)
+    cfg = config.from_command_line(["--data", str(data_dir), "--cache-dir", str(cache), "--img-size", "32",
+                                    "--test-crop", "0.6"]).cfg
+    env = distributed.Setup(rank=0, world=1, local_rank=0, ddp=False, device=torch.device("cpu"), backend=None,
+                            ghost_op="torch", amp_dtype=None, scaler=None)
+    d = train.load_data(cfg, env)
     assert d.prep.test_crop == 0.6
     first_train, first_val = d.train.paths[0], d.val.paths[0]
     whole, centre = d.prep.for_training(), d.prep
-    assert torch.equal(torch.as_tensor(np.array(d.train.images[0])), data.load_image(first_train, whole))
-    assert torch.equal(torch.as_tensor(np.array(d.val.images[0])), data.load_image(first_val, centre))
-    assert not torch.equal(data.load_image(first_val, whole), data.load_image(first_val, centre))
+    assert torch.equal(torch.as_tensor(np.array(d.train.images[0])), images.load_image(first_train, whole))
+    assert torch.equal(torch.as_tensor(np.array(d.val.images[0])), images.load_image(first_val, centre))
+    assert not torch.equal(images.load_image(first_val, whole), images.load_image(first_val, centre))
 
 
 @pytest.mark.slow
@@ -250,11 +257,11 @@ STUDY_VALUES = dict(
     erase=False, erase_p=0.5, erase_scale=[0.02, 0.33], erase_ratio=[0.3, 3.3], erase_value=0.0)
 # where files go and how the machine runs them: no bearing on the weights a run learns
 NOT_RECIPE = {"data", "out", "name", "demo", "resume", "init_from", "resume_if_exists", "device", "workers",
-              "threads", "max_steps", "dist_timeout", "ghost_op", "cache_dir", "limit_train", "limit_val"}
+              "threads", "max_steps", "dist_timeout", "ghost_op", "cache_dir", "limit_train", "limit_val", "tensorboard"}
 
 
 def test_study_recipe_values_are_pinned():
-    study, explicit = train.parse_args([])
+    study, explicit = parse([])
     got = {k: v for k, v in vars(study).items() if k not in NOT_RECIPE}
     assert got == STUDY_VALUES
     assert explicit == set()

@@ -66,15 +66,23 @@ def kill_inside_epoch_2(common: list, run_dir: Path) -> None:
     assert len(read_rows(run_dir)) == 1, "the kill should have landed in epoch 2"
 
 
+def parse(argv: list[str]):
+    """(flat resolved options as a namespace, the options given as flags): what train.main resolves."""
+    import argparse
+
+    import config
+    cl = config.from_command_line(argv)
+    return argparse.Namespace(**cl.cfg.flat()), cl.explicit
+
+
 def test_defaults_are_the_reference_recipe():
-    import train
-    args, explicit = train.parse_args([])
+    args, explicit = parse([])
     assert explicit == set()
     assert (args.arch, args.img_size, args.batch_size, args.epochs) == ("ghostnet", 227, 64, 200)
     assert (args.optimizer, args.lr, args.wd, args.dropout, args.out_channels) == ("adamw", 1e-3, 0.6, 0.2, 320)
     assert (args.scheduler, args.milestones, args.gamma) == ("multistep", [67, 82, 95, 107], 0.1)
     assert (args.label_smoothing, args.patience, args.grayscale, args.no_normalize) == (0.1, 15, False, False)
-    demo, explicit = train.parse_args(["--demo", "--epochs", "3"])
+    demo, explicit = parse(["--demo", "--epochs", "3"])
     assert demo.img_size == 64 and demo.epochs == 3 and demo.threads == 1 and explicit == {"demo", "epochs"}
 
 
@@ -193,13 +201,13 @@ def test_kill_between_checkpoint_writes_keeps_best_pt_current(tmp_path, cache_di
 
     # the same run, killed (os._exit, no clean-up) right after the first checkpoint file of the last epoch lands
     kill_after_first_save = (
-        "import os, sys, train\n"
-        "save = train.atomic_save\n"
-        "def save_then_die(obj, path):\n"
-        "    save(obj, path)\n"
+        "import os, sys, runs, train\n"
+        "save = runs.RunFolder.save\n"
+        "def save_then_die(self, obj, path):\n"
+        "    save(self, obj, path)\n"
         f"    if isinstance(obj, dict) and obj.get('epoch') == {last_epoch}:\n"
         "        os._exit(9)\n"
-        "train.atomic_save = save_then_die\n"
+        "runs.RunFolder.save = save_then_die  # the run folder's one writer of checkpoints\n"
         "sys.exit(train.main(sys.argv[1:]))\n")
     cut = subprocess.run([sys.executable, "-c", kill_after_first_save, *map(str, common), "--name", "cut"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
@@ -261,11 +269,11 @@ def test_two_real_epochs(tmp_path, real_data, cache_dir):
                              "seconds", "img_per_s"]
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"]), rows
     config = json.loads((run / "config.json").read_text())
-    for key in ("options", "versions", "git_commit", "device", "preprocess", "num_classes"):
+    for key in ("config", "versions", "git_commit", "device", "preprocess", "num_classes"):
         assert key in config, key
-    assert config["num_classes"] == 196 and config["options"]["wd"] == 0.6
+    assert config["num_classes"] == 196 and config["config"]["train"]["wd"] == 0.6
 
-    from model import load_checkpoint, model_from_checkpoint
+    from runs import load_checkpoint, model_from_checkpoint
     best = load_checkpoint(run / "best.pt")  # weights_only=True
     assert best["format"] == "ghostcars-v1" and best["preprocess"]["img_size"] == 64
     assert len(best["class_names"]) == 196 and best["best"]["epoch"] in (1, 2)
