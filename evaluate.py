@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import batches
 import images
 import model as M
 import tracking
@@ -113,7 +114,7 @@ def format_efficiency(name: str, fig: dict[str, Any]) -> str:
 def run_split(net: torch.nn.Module, decoded: "images.Decoded", prep: "images.Preprocess", device: torch.device,
               batch_size: int = 64, tta: bool = False) -> torch.Tensor:
     """Class probabilities (N, K) in decoded order; --tta averages them with the mirrored image's."""
-    loader = images.BatchLoader(decoded, batch_size, shuffle=False, drop_last=False, device=device)
+    loader = batches.BatchLoader(decoded, batch_size, shuffle=False, drop_last=False, device=device)
     from tqdm import tqdm
     probs = []
     for u8, _ in tqdm(loader, desc="evaluate", leave=False, file=sys.stderr):

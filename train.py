@@ -11,8 +11,8 @@
 Every option, its default and its help live in config.py. Everything of a run lands in one folder,
 runs/<name>/ (runs.py): config.json, metrics.csv, last.pt, best.pt, final.pt, curves.png and TensorBoard
 event files (tracking.py). The loop is train() and train_epoch() below; what is not the loop lives in
-learner.py (optimizer, schedule, EMA, precision), distributed.py (torchrun), data.py / images.py (the
-images) and runs.py (the files).
+learner.py (optimizer, schedule, EMA, precision), distributed.py (torchrun, device), data.py / images.py /
+batches.py (the images) and runs.py (the files).
 Exit status: 0 done, 1 training diverged (non-finite loss), 2 a usage or data error, 130 Ctrl-C.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import batches
 import config as C
 import data
 import distributed
@@ -78,8 +79,8 @@ class Data:
     erase: dict | None
     train: images.Decoded
     val: images.Decoded
-    train_loader: images.BatchLoader
-    val_loader: images.BatchLoader
+    train_loader: batches.BatchLoader
+    val_loader: batches.BatchLoader
     transform: BatchTransform
 
 
@@ -384,8 +385,8 @@ def load_data(cfg: C.Config, env: Setup) -> Data:
     # under torchrun each rank reads its own shard: the same (seed, epoch) permutation, positions rank::world;
     # validation is sharded without padding, and its sums are all-reduced, so each image counts once
     shard = dict(device=env.device, seed=r.seed, rank=env.rank, world_size=env.world)
-    train_loader = images.BatchLoader(train_data, t.batch_size, shuffle=True, drop_last=drop_last, **shard)
-    val_loader = images.BatchLoader(val_data, t.batch_size, shuffle=False, drop_last=False, **shard)
+    train_loader = batches.BatchLoader(train_data, t.batch_size, shuffle=True, drop_last=drop_last, **shard)
+    val_loader = batches.BatchLoader(val_data, t.batch_size, shuffle=False, drop_last=False, **shard)
     return Data(spec, prep, augment, erase, train_data, val_data, train_loader, val_loader,
                 BatchTransform(prep, augment, erase))
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import augment  # noqa: E402
 from config import AugmentConfig  # noqa: E402
 import data  # noqa: E402
+import batches  # noqa: E402
 import images  # noqa: E402
 from common import cpu_name  # noqa: E402
 
@@ -144,7 +145,7 @@ def run_set(name: str, records, args, cache_root: Path) -> dict:
     t = time.perf_counter()
     dec = images.decode_cached(records, prep, cache_root / name, desc=name)
     res["cache_open_s"] = round(time.perf_counter() - t, 3)
-    loader = images.BatchLoader(dec, bs, shuffle=True, drop_last=True, device="cpu", seed=0)
+    loader = batches.BatchLoader(dec, bs, shuffle=True, drop_last=True, device="cpu", seed=0)
     bt = augment.BatchTransform(prep, AugmentConfig().augment, None)
     g = torch.Generator().manual_seed(0)
     state = {"epoch": 0}

@@ -9,6 +9,7 @@ import torchvision.transforms.v2.functional as TF
 import augment
 from config import AugmentConfig
 import data
+import batches
 import images
 
 
@@ -145,7 +146,7 @@ def test_cuda_pipeline_matches_cpu():
     n = 40
     u8 = (_imgs(B=n, H=64, W=64) * 255).round().to(torch.uint8)
     dec = images.Decoded(u8.numpy(), torch.arange(n), [str(i) for i in range(n)])
-    loader = images.BatchLoader(dec, 16, shuffle=True, drop_last=False, device="cuda", seed=1)
+    loader = batches.BatchLoader(dec, 16, shuffle=True, drop_last=False, device="cuda", seed=1)
     bt = augment.BatchTransform(images.Preprocess(img_size=64), list(augment.AUG_NAMES), {})
     for x, y in loader:
         assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8

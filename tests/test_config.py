@@ -1,13 +1,10 @@
 """The typed configuration (config.py), the run folder (runs.py) and TensorBoard tracking: recipes as YAML,
 one-line errors for a misspelled key or a wrong type, a run replayed from its config.json, training bit for
 bit as the code before the configuration existed, and event files that hold metrics.csv's numbers."""
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ import yaml
 import config as C
 import data
 import runs
-from test_train import ENV, REPO, assert_one_line_error, read_rows, run_train
+from test_train import ENV, REPO, assert_one_line_error, old_tree, read_rows, run_train
 
 # The last commit before config.py: train.py's argparse flags and --recipe overlays, as they trained.
 BEFORE_CONFIG = "37873305d5996ecb24500609b287855dfd6dc1bd"
@@ -140,18 +137,6 @@ def test_no_tensorboard_writes_no_events(tmp_path, tiny):
     assert not list((tmp_path / "quiet").rglob("events.out.tfevents.*"))
 
 
-def _old_tree(tmp_path: Path) -> Path:
-    old = tmp_path / "before_config"
-    old.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_CONFIG], capture_output=True)
-    if archive.returncode != 0:
-        pytest.skip(f"no git history holding {BEFORE_CONFIG[:7]} (a shallow clone or a source copy): "
-                    f"{archive.stderr.decode(errors='replace').strip()[:200]}")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(old, filter="data")
-    return old
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [[], ["--config", "recipes/study.yaml"], ["--recipe", "fast"], ["--demo"]],
                          ids=["study", "study.yaml", "fast", "demo"])
@@ -160,7 +145,7 @@ def test_training_is_bit_for_bit_as_before_the_configuration(tmp_path, tiny, var
     this machine: the same metrics.csv (but its timing) and bit-identical weights. The config file is given
     to today's code only (the old code had none; its study recipe was its defaults). One thread and the
     plain PyTorch GhostModule (the old tree has no built kernels), so both sum in the same order."""
-    old = _old_tree(tmp_path)
+    old = old_tree(tmp_path, BEFORE_CONFIG)
     common = ["--out", tmp_path, "--epochs", 1, "--deterministic", "--device", "cpu", "--seed", 3, "--threads", 1,
               "--ghost-op", "torch", "--workers", 0]
     if "--demo" not in variant:

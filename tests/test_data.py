@@ -18,6 +18,7 @@ from PIL import Image
 
 import augment
 import data
+import batches
 import images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -453,7 +454,7 @@ def test_batch_loader_order_and_alignment():
     n = 23
     imgs = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
     dec = images.Decoded(imgs.numpy(), torch.arange(n), [str(i) for i in range(n)])
-    bl = images.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
+    bl = batches.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
     assert len(bl) == 5
 
     def epoch(loader, e):
@@ -466,12 +467,12 @@ def test_batch_loader_order_and_alignment():
     e0 = epoch(bl, 0)
     assert sorted(e0) == list(range(n)) and e0 != list(range(n))
     assert epoch(bl, 0) == e0 and epoch(bl, 1) != e0
-    bl2 = images.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
+    bl2 = batches.BatchLoader(dec, 5, shuffle=True, drop_last=False, device="cpu", seed=3)
     assert epoch(bl2, 1) == epoch(bl, 1)  # order depends only on (seed, epoch)
-    dl = images.BatchLoader(dec, 5, shuffle=False, drop_last=True)
+    dl = batches.BatchLoader(dec, 5, shuffle=False, drop_last=True)
     assert len(dl) == 4 and epoch(dl, 0) == list(range(20))
     td = images.Decoded(imgs, torch.arange(n), [str(i) for i in range(n)])  # tensor images work too
-    assert epoch(images.BatchLoader(td, 7, False, False), 0) == list(range(n))
+    assert epoch(batches.BatchLoader(td, 7, False, False), 0) == list(range(n))
 
 
 def test_config_to_preprocess_and_augment_dicts():

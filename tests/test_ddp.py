@@ -1,7 +1,6 @@
 """train.py under torchrun (DistributedDataParallel, gloo on the CPU): one run folder, identical weights on every
 rank, each validation image counted once, resume with another world size, 2 ranks x 16 == 1 process x 32;
 launch errors; BatchLoader sharding; --sync-bn's GhostModule path. Tiny images and data: well under a minute."""
-import csv
 import json
 import os
 import subprocess
@@ -34,8 +33,8 @@ def torchrun(nproc: int, *args, timeout: float = 300) -> subprocess.CompletedPro
 
 
 def rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    import runs
+    return runs.read_metrics(run_dir / "metrics.csv")  # the one reader of metrics.csv
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +72,13 @@ def test_two_ranks_then_resume_on_one(tmp_path, tiny):
     assert reports[0]["val_loss"] == reports[1]["val_loss"] and reports[0]["val_acc"] == reports[1]["val_acc"]
     assert all(r["train_steps"] == 2 and r["step"] == 4 for r in reports)  # 36 // 2 // 7 steps per epoch
     first = rows(run)
-    assert [r["epoch"] for r in first] == ["1", "2"] and ckpt["epoch"] == 2 and ckpt["world_size"] == 2
+    assert [r["epoch"] for r in first] == [1, 2] and ckpt["epoch"] == 2 and ckpt["world_size"] == 2
 
     # resume under torchrun with another world size: continues with epoch 3, the first two rows untouched
     proc = torchrun(1, "--resume", run, "--epochs", 3)
     assert "resuming" in proc.stdout and "after epoch 2" in proc.stdout
     again = rows(run)
-    assert [r["epoch"] for r in again] == ["1", "2", "3"]
+    assert [r["epoch"] for r in again] == [1, 2, 3]
     assert again[:2] == first
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["epoch"] == 3 and ckpt["world_size"] == 1 and ckpt["step"] == 4 + 5  # then 36 // 7 = 5 steps
@@ -138,17 +137,18 @@ def test_sync_bn_on_cpu_is_refused(monkeypatch, capsys, tmp_path):
 
 
 def test_batch_loader_shards():
+    import batches
     import data
     import images
     n = 37
     d = images.Decoded(images=torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), labels=torch.arange(n),
                        paths=[str(i) for i in range(n)], skipped=[])
     for drop_last in (True, False):
-        whole = images.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3)
+        whole = batches.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3)
         whole.set_epoch(2)
         got = []
         for r in range(3):
-            shard = images.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3, rank=r, world_size=3)
+            shard = batches.BatchLoader(d, 4, shuffle=True, drop_last=drop_last, seed=3, rank=r, world_size=3)
             shard.set_epoch(2)
             labels = [y for _, y in shard]
             assert len(labels) == len(shard)
@@ -160,11 +160,11 @@ def test_batch_loader_shards():
         else:  # every image exactly once, no padding
             assert sorted(flat) == list(range(n)) and [len(g) for g in got] == [13, 12, 12]
     # one rank of one is the unsharded loader
-    a = images.BatchLoader(d, 5, True, False, seed=1)
-    b = images.BatchLoader(d, 5, True, False, seed=1, rank=0, world_size=1)
+    a = batches.BatchLoader(d, 5, True, False, seed=1)
+    b = batches.BatchLoader(d, 5, True, False, seed=1, rank=0, world_size=1)
     assert [y.tolist() for _, y in a] == [y.tolist() for _, y in b] and len(a) == len(b)
     with pytest.raises(data.DataError):
-        images.BatchLoader(d, 4, True, False, rank=3, world_size=3)
+        batches.BatchLoader(d, 4, True, False, rank=3, world_size=3)
 
 
 def test_sync_bn_ghost_modules_route_through_their_bn_modules():
@@ -268,4 +268,4 @@ def test_resume_if_exists_runs_the_same_command_twice(tmp_path, tiny):
     again = subprocess.run(cmd + ["--epochs", "2"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"resuming {tmp_path / 'run'} after epoch 1" in again.stdout
-    assert [r["epoch"] for r in rows(tmp_path / "run")] == ["1", "2"]
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1, 2]

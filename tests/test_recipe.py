@@ -1,12 +1,10 @@
 """The short-budget recipe's parts in train.py: the per-step LR schedule with warm-up, the EMA of the
 weights, parameter groups without weight decay on norms and biases, the --recipe presets, final.pt, and
 exact resume with all of them after SIGKILL."""
-import io
 import math
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import distributed
 import images
 import learner
 import train
-from test_train import REPO, TIMING, kill_inside_epoch_2, parse, read_rows, run_train
+from test_train import REPO, TIMING, kill_inside_epoch_2, old_tree, parse, read_rows, run_train
 
 
 FAST = config.read_file(config.RECIPES_DIR / "fast.yaml")  # flat {option: value} of the recipe file
@@ -277,14 +275,7 @@ def test_study_recipe_first_epoch_is_as_before(tmp_path, tiny):
     recorded numbers: the same code's loss moves in the second decimal between CPUs (1.239 on an Intel Xeon,
     1.272 on an AMD EPYC with the same torch), as much as a different seed does. One thread and the plain
     PyTorch GhostModule (the old tree has no built kernels) so that both runs sum in the same order."""
-    old = tmp_path / "before_fast"
-    old.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_FAST], capture_output=True)
-    if archive.returncode != 0:
-        pytest.skip(f"no git history holding {BEFORE_FAST[:7]} (a shallow clone or a source copy): "
-                    f"{archive.stderr.decode(errors='replace').strip()[:200]}")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(old, filter="data")
+    old = old_tree(tmp_path, BEFORE_FAST)
     data_dir, _ = tiny
     common = ["--data", data_dir, "--out", tmp_path, "--img-size", 32, "--batch-size", 8, "--epochs", 1,
               "--deterministic", "--device", "cpu", "--seed", 3, "--threads", 1, "--ghost-op", "torch",

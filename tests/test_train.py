@@ -1,6 +1,5 @@
 """train.py: defaults, one-line errors, exact resume after SIGKILL, the demo's accuracy, a real-data run,
 and bench_train.py. Training runs as a subprocess, the way users run it."""
-import csv
 import json
 import os
 import signal
@@ -36,8 +35,24 @@ def run_train(*args, timeout: float = 300, **hooks) -> subprocess.CompletedProce
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    import runs
+    return runs.read_metrics(run_dir / "metrics.csv")  # the one reader of metrics.csv
+
+
+def old_tree(tmp_path: Path, commit: str) -> Path:
+    """The repository as it was at `commit` (git archive), for side-by-side runs of old and new code; skips
+    where the history is missing (a shallow clone or a source copy)."""
+    import io
+    import tarfile
+    old = tmp_path / f"tree_{commit[:7]}"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"no git history holding {commit[:7]} (a shallow clone or a source copy): "
+                    f"{archive.stderr.decode(errors='replace').strip()[:200]}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(old, filter="data")
+    return old
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
