@@ -353,7 +353,7 @@ class BatchTransform:
             # the two are the same). A box of ratio 1 then has the image's proportions, and is resized to them
             # unstretched: with absolute ratios, 4:3 images saw their cars stretched 4/3 wide on average in
             # training but not at test, and validation loss trailed the square runs' (4.89 against 4.65 at
-            # epoch 20, README 'Recipes').
+            # epoch 20, docs/recipes.md).
             ratio = (c["ratio"][0] * (W / H), c["ratio"][1] * (W / H))
             h, w, found = _sample_box(B, H, W, c["scale"], ratio, g)
             # fallback (no candidate fitted): centre crop clamped to the ratio range

@@ -143,7 +143,7 @@ class StopSignals:
     with --signal, Kubernetes and spot instances SIGTERM): the loop finishes the step it is in, saves last.pt
     at that step, prints the resume command and exits 128 + the signal (143 for SIGTERM). Installed for
     one-process runs; under torchrun the ranks would stop at different steps, so there a signal ends the
-    processes as usual and torchrun's restart resumes from the last completed epoch (README 'Reliability')."""
+    processes as usual and torchrun's restart resumes from the last completed epoch (docs/reliability.md)."""
     NAMES = ("SIGTERM", "SIGUSR1")
 
     def __init__(self, install: bool = True) -> None:

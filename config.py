@@ -145,6 +145,10 @@ class DataConfig:
                            "split)")
     val_seed: int | None = opt(None, "seed of the --val-split draw (default: --seed); fix it to compare runs of "
                                "several seeds on the same held-out images")
+    validate: bool = opt(True, "score the validation split after every epoch (the official test split unless "
+                         "--val-split); --no-validate looks at no held-out image while training: no best.pt, no "
+                         "early stopping, final.pt only (a campaign that scores the test split once, at the end)",
+                         negatable=True)
     test_crop: float = opt(1.0, "validation, evaluation and prediction keep this fraction of each side around the "
                            "image's centre (1 = the whole image, the study's); training images stay whole",
                            metavar="FRACTION")
@@ -472,6 +476,9 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"--dropout must lie in [0, 1) (got {cfg.model.dropout})")
     if not 0 <= t.ema < 1:
         raise ConfigError(f"--ema must lie in [0, 1), e.g. 0.999 (got {t.ema}); 0 turns it off")
+    if not cfg.data.validate and (t.patience or t.scheduler == "plateau"):
+        raise ConfigError(f"--no-validate: nothing to stop early or to plateau on; pass --patience 0 (got "
+                          f"{t.patience}) and a scheduler other than plateau (got {t.scheduler})")
     if t.warmup_epochs < 0 or (t.warmup_epochs and t.scheduler in PER_EPOCH_SCHEDULES):
         raise ConfigError(f"--warmup-epochs {t.warmup_epochs:g} needs a per-step --scheduler (cosine, linear or "
                          f"none), not {t.scheduler}, and must not be negative")

@@ -11,8 +11,8 @@
 Every option, its default and its help live in config.py. Everything of a run lands in one folder,
 runs/<name>/ (runs.py): config.json, metrics.csv, last.pt, best.pt, final.pt, curves.png and TensorBoard
 event files (tracking.py). The loop is train() and train_epoch() below; what is not the loop lives in
-learner.py (optimizer, schedule, EMA, precision), distributed.py (torchrun, device), data.py / images.py /
-batches.py (the images) and runs.py (the files).
+learner.py (optimizer, schedule, EMA, precision), distributed.py (torchrun, device), loaders.py (the decoded
+splits as device batches; data.py, images.py, batches.py, augment.py below it) and runs.py (the files).
 Exit status: 0 done, 1 training diverged (non-finite loss), 2 a usage or data error, 130 Ctrl-C.
 """
 from __future__ import annotations
@@ -31,16 +31,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import batches
 import config as C
 import data
 import distributed
 import images
 import learner as L
 import runs
-from augment import BatchTransform, augment_from_config
 from common import StopSignals, UsageError, WriteError, device_name
 from distributed import Setup
+from loaders import Data, load_data
 from model import count_params
 from runs import CheckpointError, RunFolder
 from tracking import Tracker
@@ -51,7 +50,6 @@ LOG_EVERY = 5  # steps between looks at the loss (progress bar, non-finite check
 # the run's saved config so that the resumed run is the same run.
 RESUME_OVERRIDABLE = ("epochs", "patience", "workers", "threads", "device", "compile", "cache_dir", "tensorboard")
 NOT_INHERITED = ("max_steps",)  # the smoke-run step limit applies to one invocation only
-DEMO_DATA = dict(num_classes=4, train_per_class=60, test_per_class=25)  # 240 train, 100 val images
 
 
 class NonFiniteLoss(Exception):
@@ -68,20 +66,6 @@ class Hooks:
     def after_epoch(self, env: Setup, d: Data, learner: L.Learner, prog: Progress, val: dict,
                     run: RunFolder) -> None:
         pass
-
-
-@dataclass
-class Data:
-    """The decoded splits, their loaders and the batch transform (augmentation, normalisation)."""
-    spec: data.DatasetSpec
-    prep: images.Preprocess
-    augment: dict | None
-    erase: dict | None
-    train: images.Decoded
-    val: images.Decoded
-    train_loader: batches.BatchLoader
-    val_loader: batches.BatchLoader
-    transform: BatchTransform
 
 
 @dataclass
@@ -246,6 +230,9 @@ def to_input(d: Data, images_: torch.Tensor, train: bool, generator: torch.Gener
 
 def validate(env: Setup, d: Data, learner: L.Learner, channels_last: bool) -> dict:
     """The same loss as training (as the study), top-1 and top-5, of the model used for inference."""
+    if not d.val.paths:  # --no-validate: nothing held out is looked at
+        nan = float("nan")
+        return {"val_loss": nan, "val_acc": nan, "val_top5": nan, "seen": 0, "seen_rank": 0, "is_best": False}
     net = learner.eval_model()
     net.eval()
     loss, top1, top5, seen = 0.0, 0, 0, 0
@@ -269,6 +256,11 @@ def validate(env: Setup, d: Data, learner: L.Learner, channels_last: bool) -> di
 
 def end_epoch(t: C.TrainConfig, learner: L.Learner, prog: Progress, epoch: int, val: dict) -> str | None:
     """A per-epoch schedule's step, the best-so-far record, early stopping; returns why to stop, if so."""
+    if val["seen"] == 0:  # --no-validate: the schedule goes on, nothing is chosen (config.check: no plateau)
+        if learner.scheduler is not None and not learner.per_step:
+            learner.scheduler.step()
+        prog.epoch = epoch
+        return None
     if not math.isfinite(val["val_loss"]):
         raise NonFiniteLoss(f"validation loss became {val['val_loss']} after epoch {epoch} (global step {prog.step})")
     if isinstance(learner.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -337,58 +329,6 @@ def resume_config(cfg: C.Config, explicit: set[str]) -> tuple[C.Config, dict | N
     keep = {k: given[k] for k in RESUME_OVERRIDABLE if k in explicit}
     keep.update({k: given[k] for k in NOT_INHERITED}, resume=r.resume)
     return runs.config_of(ckpt).updated(keep), ckpt
-
-
-def load_data(cfg: C.Config, env: Setup) -> Data:
-    """Decode each split once into uint8 tensors (cached); batches are augmented on the training device.
-    Under torchrun each machine's local rank 0 makes the demo data and builds the decoded cache while the
-    other ranks wait at the barrier; they then find everything in place and just open the cache."""
-    r, t = cfg.run, cfg.train
-    augment, erase = augment_from_config(cfg.augment)  # unknown augmentation names fail here, before decoding
-    prep = images.preprocess_of(cfg.data)
-    if env.ddp and env.local_rank != 0:
-        dist.barrier()
-    if r.demo and not r.resume:
-        demo_root = Path(r.out) / "demo_data"
-        if env.local_rank == 0:
-            print(f"demo: making SYNTHETIC data (car-like drawings, not photos) in {demo_root}")
-            r.data = str(data.make_demo_dataset(demo_root, seed=r.seed, **DEMO_DATA))
-        else:
-            r.data = str(demo_root)
-    try:
-        spec = data.find_dataset(r.data)
-    except data.DataError as e:  # say where Stanford Cars goes, and that the demo needs no download
-        raise TrainError(f"{e}. Put Stanford Cars there (README: 'Getting Stanford Cars'), "
-                         f"or try: python train.py --demo") from None
-    splits = data.make_splits(spec, val_split=cfg.data.val_split, seed=data.holdout_seed(cfg.flat()))
-    train_records = data.subset(splits["train"], r.limit_train, r.seed)
-    val_records = data.subset(splits["val"], r.limit_val, r.seed + 1)
-    val_name = "val (held out of train)" if cfg.data.val_split else "val (= the official test split)"
-    if spec.note:
-        print(f"data: {spec.note}")
-    print(f"data: {spec.root} ({spec.layout}), {len(spec.class_names)} classes, "
-          f"{len(train_records)} train, {len(val_records)} {val_name}")
-    train_data = images.decode_cached(train_records, prep.for_training(), cache_dir=r.cache_dir, workers=r.workers,
-                                      desc="train")
-    val_data = images.decode_cached(val_records, prep, cache_dir=r.cache_dir, workers=r.workers, desc="val")
-    if env.ddp and env.local_rank == 0:
-        dist.barrier()
-    if len(train_data.labels) == 0 or len(val_data.labels) == 0:
-        raise TrainError(f"{r.data}: no readable training or validation images; check the dataset folder")
-    drop_last = len(train_data.labels) > t.batch_size  # a last batch of 1 would break BatchNorm
-    if env.ddp:
-        # every rank must make the same number of steps (each step all-reduces gradients): always drop the tail
-        drop_last = True
-        if len(train_data.labels) // env.world < t.batch_size:
-            raise TrainError(f"{len(train_data.labels)} training images give each of the {env.world} ranks fewer "
-                             f"than --batch-size {t.batch_size} (a per-rank batch); lower --batch-size")
-    # under torchrun each rank reads its own shard: the same (seed, epoch) permutation, positions rank::world;
-    # validation is sharded without padding, and its sums are all-reduced, so each image counts once
-    shard = dict(device=env.device, seed=r.seed, rank=env.rank, world_size=env.world)
-    train_loader = batches.BatchLoader(train_data, t.batch_size, shuffle=True, drop_last=drop_last, **shard)
-    val_loader = batches.BatchLoader(val_data, t.batch_size, shuffle=False, drop_last=False, **shard)
-    return Data(spec, prep, augment, erase, train_data, val_data, train_loader, val_loader,
-                BatchTransform(prep, augment, erase))
 
 
 def restore(ckpt: dict, cfg: C.Config, env: Setup, learner: L.Learner) -> Progress:
@@ -569,13 +509,16 @@ def finish(cfg: C.Config, env: Setup, d: Data, learner: L.Learner, prog: Progres
         print(f"stopped inside epoch {prog.epoch + 1} after {stopped_inside} of {len(d.train_loader)} steps; "
               f"{where}; continue with: python train.py --resume {run}")
     best = prog.best
-    if best["epoch"] == 0:
+    if prog.epoch == 0:
         print(f"no epoch completed, so there is no best.pt yet; files in {run}")
         return 0
     if not stopped_inside and env.is_main:
         run.save(runs.model_file(checkpoint(), learner.ema.module.state_dict() if learner.ema else None), run.final)
-    print(f"done: best val acc {100 * best['val_acc']:.2f}% at epoch {best['epoch']}, min val loss "
-          f"{best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']}; files in {run}")
+    if best["epoch"] == 0:  # --no-validate
+        print(f"done: {prog.epoch} epochs, nothing held out was looked at; files in {run}")
+    else:
+        print(f"done: best val acc {100 * best['val_acc']:.2f}% at epoch {best['epoch']}, min val loss "
+              f"{best['min_val_loss']:.4f} at epoch {best['min_val_loss_epoch']}; files in {run}")
     if cfg.run.demo:
         example = d.val.paths[0] if d.val.paths else "<an image>"
         print("next, try:\n"

@@ -137,7 +137,7 @@ def experiments(epochs: int) -> list[Experiment]:
 # final model on cars_test, so no checkpoint is chosen on the images that are reported.
 RECIPE_SEEDS = 3
 # the fast recipe's evaluation flags: none. On the validation split flip TTA moved top-1 by less than one image
-# in a hundred and a larger test size (112 px after training at 96) lost 3.8 points (README 'Recipes')
+# in a hundred and a larger test size (112 px after training at 96) lost 3.8 points (docs/recipes.md)
 FAST_EVAL: list[str] = []
 
 

@@ -15,7 +15,7 @@ import config
 import distributed
 import images
 import learner
-import train
+import loaders
 from test_train import REPO, TIMING, kill_inside_epoch_2, old_tree, parse, read_rows, run_train
 
 
@@ -193,7 +193,7 @@ def test_a_test_crop_cuts_validation_images_and_leaves_training_images_whole(tin
                                     "--test-crop", "0.6"]).cfg
     env = distributed.Setup(rank=0, world=1, local_rank=0, ddp=False, device=torch.device("cpu"), backend=None,
                             ghost_op="torch", amp_dtype=None, scaler=None)
-    d = train.load_data(cfg, env)
+    d = loaders.load_data(cfg, env)
     assert d.prep.test_crop == 0.6
     first_train, first_val = d.train.paths[0], d.val.paths[0]
     whole, centre = d.prep.for_training(), d.prep
@@ -249,7 +249,7 @@ STUDY_VALUES = dict(
     gamma=0.1, exp_base=0.975, plateau_factor=0.1, plateau_patience=10, min_lr=0.0, warmup_epochs=0.0, ema=0.0,
     wd_norm_bias=True, patience=15, early_stop_on="val_loss", amp=None, amp_dtype="auto", channels_last=False,
     compile=False, crop_bbox=False, bbox_margin=0.0, erase_background=False, grayscale=False, no_normalize=False,
-    mean=None, std=None, val_split=0.0, val_seed=None, test_crop=1.0, augment=["flip", "affine", "jitter"], flip_p=0.5, degrees=25.0,
+    mean=None, std=None, val_split=0.0, val_seed=None, validate=True, test_crop=1.0, augment=["flip", "affine", "jitter"], flip_p=0.5, degrees=25.0,
     translate=[0.1, 0.1], scale=[0.9, 1.1], shear=[8.0], jitter=[0.2, 0.2, 0.2, 0.1], rotation_degrees=15.0,
     perspective_scale=0.5, perspective_p=0.5, crop_scale=[0.08, 1.0], crop_ratio=[0.75, 4 / 3], interpolation="auto",
     erase=False, erase_p=0.5, erase_scale=[0.02, 0.33], erase_ratio=[0.3, 3.3], erase_value=0.0)

@@ -1,6 +1,7 @@
 """train.py: defaults, one-line errors, exact resume after SIGKILL, the demo's accuracy, a real-data run,
 and bench_train.py. Training runs as a subprocess, the way users run it."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -137,6 +138,43 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_data, cache_dir):
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_no_validate_looks_at_no_held_out_image(tmp_path, tiny_data, cache_dir):
+    """--no-validate (a campaign that scores the test split once, at the end): nothing held out is decoded or
+    scored while training, the metrics' val columns are empty (nan), no best.pt, final.pt at the end; early
+    stopping or a plateau schedule with it is a one-line error."""
+    base = ["--data", tiny_data, "--out", tmp_path, "--cache-dir", cache_dir, "--img-size", 32, "--batch-size", 8,
+            "--device", "cpu", "--no-validate", "--scheduler", "multistep", "--milestones", 1]
+    assert_one_line_error(run_train(*base, "--epochs", 2), "--no-validate", "--patience 0")
+    assert_one_line_error(run_train(*base, "--patience", 0, "--scheduler", "plateau"), "--no-validate", "plateau")
+    proc = run_train(*base, "--patience", 0, "--epochs", 2, "--name", "blind")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 val (--no-validate)" in proc.stdout and "nothing held out was looked at" in proc.stdout
+    run = tmp_path / "blind"
+    rows = read_rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["lr"] == pytest.approx(1e-4)  # the schedule went on
+    assert all(math.isnan(r[k]) for r in rows for k in ("val_loss", "val_acc", "val_top5"))
+    assert (run / "final.pt").exists() and not (run / "best.pt").exists()
+    import runs
+    assert runs.config_of(runs.load_checkpoint(run / "final.pt")).data.validate is False
+
+
+@pytest.mark.slow
+def test_no_validate_resumes_exactly_after_sigkill(tmp_path, tiny_data, cache_dir):
+    common = ["--data", tiny_data, "--out", tmp_path, "--cache-dir", cache_dir, "--img-size", 32, "--batch-size", 8,
+              "--epochs", 3, "--deterministic", "--device", "cpu", "--seed", 3, "--recipe", "fast", "--no-validate"]
+    full = run_train(*common, "--name", "full")
+    assert full.returncode == 0, full.stderr
+    kill_inside_epoch_2(common, tmp_path / "cut")
+    resumed = run_train("--resume", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr
+    train_cols = ("epoch", "lr", "train_loss", "train_acc")
+    assert [[r[k] for k in train_cols] for r in read_rows(tmp_path / "cut")] == \
+        [[r[k] for k in train_cols] for r in read_rows(tmp_path / "full")]
+    a = torch.load(tmp_path / "full" / "final.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "final.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
