@@ -3,6 +3,8 @@
     python export.py runs/<name>/best.pt --format onnx            # -> runs/<name>/best.onnx
     python export.py runs/<name>/best.pt --format pt2             # -> runs/<name>/best.pt2 (+ best.pt2.json)
     python export.py runs/<name>/best.pt --format onnx --fp16 --batch 1 --out car.onnx
+    python export.py runs/<name>/best.pt --format pte             # -> runs/<name>/best.pte (+ best.pte.json), ExecuTorch
+    python export.py runs/<name>/best.pt --format web             # -> runs/<name>/web/, the on-device page (webapp.py)
 
 What the file holds: the model with BatchNorm folded into the convolutions (model.fuse_for_inference)
 and the ghost op lowered to standard operators (the plain-PyTorch path, model.set_ghost_op(m, "torch")),
@@ -39,6 +41,7 @@ import torch.nn as nn
 
 import data
 import model as M
+import webapp
 from runs import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
 from common import time_models
 # names, not the module: verify_inputs takes a parameter called images
@@ -115,6 +118,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         import onnx
         proto = onnx.load(str(path), load_external_data=False)
         raw = {p.key: p.value for p in proto.metadata_props}
+    elif path.suffix == ".pte":             # an ExecuTorch program holds no metadata: the sidecar only
+        raw = json.loads(sidecar_path(path).read_text())
     else:
         side = sidecar_path(path)
         if side.exists():
@@ -203,6 +208,36 @@ def export_pt2(app: AppModel, example: torch.Tensor, out: Path, meta: dict[str, 
             "nodes": len(ep.graph.nodes), "sidecar": str(sidecar_path(out))}
 
 
+def require_executorch() -> None:
+    import importlib.util
+    if importlib.util.find_spec("executorch") is None:
+        raise ExportError("--format pte needs ExecuTorch, installed so that it keeps this torch: "
+                          "pip install executorch==1.5.1 -c <(echo torch==$(python -c 'import torch; "
+                          "print(torch.__version__)'))")
+
+
+def export_pte(app: AppModel, example: torch.Tensor, out: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """An ExecuTorch program for phones (ExecuTorch's Android/iOS runtimes): torch.export at batch 1, then
+    every supported operator lowered to the XNNPACK delegate (ARM/x86 CPU kernels). The ghost op is already
+    plain aten ops here (app_model uses the reference path), so the file needs no custom kernel. Class names
+    and preprocessing go to the sidecar JSON, as for .pt2."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    import copy
+    # XNNPACK lays out its own tensors: it takes the weights NCHW (fuse_for_inference made them channels_last)
+    app = copy.deepcopy(app).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        ep = torch.export.export(app, (example[:1].contiguous(),))
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    ops = sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
+                  for n in edge.exported_program().graph.nodes if n.op == "call_function"})
+    prog = edge.to_executorch()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(prog.buffer)
+    sidecar_path(out).write_text(json.dumps(meta, indent=1) + "\n")
+    return {"op_types": ops, "nodes": len(ops), "sidecar": str(sidecar_path(out))}
+
+
 # ----------------------------------------------------------------------------------------------------
 # verification: run the exported file and compare with PyTorch
 
@@ -227,6 +262,11 @@ def load_runner(path: Path, fmt: str, threads: int) -> Callable[[torch.Tensor], 
         import onnxruntime as ort
         sess = ort.InferenceSession(str(path), onnx_session_options(threads), providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(sess.run(["logits"], {"images": x.numpy()})[0])
+    if fmt == "pte":
+        from executorch.runtime import Runtime
+        method = Runtime.get().load_program(str(path)).load_method("forward")
+        # a batch-1 program: one image at a time
+        return lambda x: torch.cat([method.execute([x[i:i + 1].contiguous()])[0] for i in range(len(x))])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # some torch versions warn about read-only weight buffers
         module = torch.export.load(str(path)).module()
@@ -300,10 +340,22 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
            log: Callable[[str], None] = print) -> dict[str, Any]:
     """Export, verify and time; returns what it printed as a dict. Raises ExportError / VerifyError /
     CheckpointError / data.DataError / images.ImageError with one-line messages."""
-    if fmt == "onnx":
+    if fmt in ("onnx", "web"):
         require_onnx()                      # before the slow work, so the hint comes at once
+    if fmt == "pte":
+        require_executorch()
+        if fp16:
+            raise ExportError("--format pte is float32 (XNNPACK); drop --fp16")
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
+    site = None
+    if fmt == "web":                        # a folder: the ONNX model in it, then the page around it
+        if fp16:
+            raise ExportError("--format web runs float32 in WebAssembly; drop --fp16")
+        webapp.ort_version()                # npm's copy of onnxruntime-web is there, before the slow work
+        site = Path(out) if out else ckpt_path.parent / "web"
+        site.mkdir(parents=True, exist_ok=True)
+        out, fmt = site / "model.onnx", "onnx"
     out = Path(out) if out else default_out(ckpt_path, fmt, fp16)
     if out.resolve() == ckpt_path.resolve():
         raise ExportError(f"{out}: --out would overwrite the checkpoint; choose another file")
@@ -322,6 +374,7 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     meta = metadata(ckpt, str(ckpt_path), fp16)
     t0 = time.perf_counter()
     info = (export_onnx(app, example, out, meta, batch, opset) if fmt == "onnx"
+            else export_pte(app, example, out, meta) if fmt == "pte"
             else export_pt2(app, example, out, meta, batch))
     info.update(path=str(out), size_mb=out.stat().st_size / 2**20, export_s=time.perf_counter() - t0)
     log(f"wrote {out} ({info['size_mb']:.2f} MB, {fmt}{', opset ' + str(info['opset']) if fmt == 'onnx' else ''}, "
@@ -331,7 +384,11 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     log(f"  operators: {' '.join(info['op_types'])}")
     if fmt == "pt2":
         log(f"  metadata: inside the archive ({METADATA_FILE}) and {info['sidecar']}")
+    if fmt == "pte":
+        log(f"  metadata: {info['sidecar']} (class names, preprocessing); batch 1, XNNPACK delegate")
     if not verify:
+        if site is not None:
+            info["site"] = webapp.write_site(site, meta)
         return info
 
     # The reference is the checkpoint's own model, unfused, float32, with the plain-PyTorch ghost op
@@ -356,7 +413,7 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     M.set_ghost_op(fused, "auto")
     x1 = x[:1]
 
-    runtime = "onnxruntime" if fmt == "onnx" else "torch.export.load"
+    runtime = {"onnx": "onnxruntime", "pte": "executorch.runtime"}.get(fmt, "torch.export.load")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # time_models runs under torch.inference_mode already
         times = time_models({"pytorch": fused, runtime: run}, {"pytorch": x1, runtime: x1}, runs, warmup=3)
@@ -367,6 +424,10 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     if not cmp["ok"]:
         raise VerifyError(f"{out}: exported model differs from PyTorch (max rel error {cmp['max_rel']:.2e} > "
                           f"{cmp['tol']:.0e} or top-1 changed); the file was kept for inspection")
+    if site is not None:
+        info["site"] = webapp.write_site(site, meta)
+        log(f"wrote the on-device page in {site} (onnxruntime-web {webapp.ort_version()}): serve it with "
+            f"`python serve.py --on-device {site}` or any static HTTPS host")
     return info
 
 
@@ -374,10 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a checkpoint to ONNX or a torch.export program (.pt2), "
                                 "with preprocessing and class names inside, and verify it against PyTorch.")
     p.add_argument("checkpoint", help="checkpoint written by train.py, e.g. runs/<name>/best.pt")
-    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
+    p.add_argument("--format", choices=("onnx", "pt2", "pte", "web"), default="onnx",
                    help="onnx: onnxruntime and any ONNX runtime (needs pip install onnx onnxscript onnxruntime); "
-                        "pt2: torch.export.load in PyTorch (default: onnx)")
-    p.add_argument("--out", help="output file (default: the checkpoint's path with .onnx / .pt2, .fp16.onnx with --fp16)")
+                        "pt2: torch.export.load in PyTorch; pte: an ExecuTorch program (XNNPACK) for Android/iOS apps (needs "
+                        "executorch); web: a static folder, the phone page that runs the "
+                        "model in the browser (needs `npm install` in web/) (default: onnx)")
+    p.add_argument("--out", help="output file (default: the checkpoint's path with .onnx / .pt2, .fp16.onnx with --fp16; "
+                                 "for web a folder, default web/ beside the checkpoint)")
     p.add_argument("--fp16", action="store_true",
                    help=f"float16 weights and compute, float32 input/output: half the file, for GPU / mobile "
                         f"runtimes (on x86 CPUs float32 is faster); verified to a relative tolerance of {TOL_FP16:g}")
@@ -401,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     except VerifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ExportError, CheckpointError, data.DataError, ImageError) as e:
+    except (ExportError, webapp.WebError, CheckpointError, data.DataError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

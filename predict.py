@@ -2,6 +2,7 @@
 
     python predict.py car.jpg [more.jpg photos/ ...] [--checkpoint runs/<name>/best.pt] [--topk 5] [--json]
     python predict.py car.jpg --model ghostnet.onnx          # an exported model, run with onnxruntime
+    python predict.py car.jpg --model best.pte               # an ExecuTorch program (export.py --format pte)
     python predict.py car.jpg --bbox 30,40,600,380           # crop first (models trained with --crop-bbox)
 
 Preprocessing is the checkpoint's own (images.load_image + the checkpoint's Preprocess), the same code
@@ -118,6 +119,40 @@ def onnx_predictor(onnx_path: Path) -> tuple[Callable, list[str], "images.Prepro
     return probs, class_names, prep
 
 
+def pte_predictor(pte_path: Path) -> tuple[Callable, list[str], "images.Preprocess"]:
+    """The same for an ExecuTorch program (export.py --format pte): class names and preprocessing from its
+    sidecar FILE.pte.json; run with ExecuTorch's Python runtime, one image at a time (a batch-1 program)."""
+    try:
+        from executorch.runtime import Runtime
+    except ImportError:
+        raise PredictError(f"{pte_path}: running a .pte program needs ExecuTorch: pip install executorch==1.5.1 "
+                           "with a constraint that keeps your torch (README 'Use the model in an app')") from None
+    side = Path(str(pte_path) + ".json")
+    if not pte_path.is_file() or not side.is_file():
+        raise PredictError(f"{pte_path}: the program or its sidecar {side.name} is missing; export both with "
+                           "`python export.py CKPT --format pte`")
+    try:
+        meta = json.loads(side.read_text())
+        class_names = json.loads(meta["class_names"])
+        prep = images.Preprocess.from_dict(json.loads(meta["preprocess"]))
+        method = Runtime.get().load_program(str(pte_path)).load_method("forward")
+    except (KeyError, ValueError, TypeError) as e:
+        raise PredictError(f"{side}: class_names / preprocess missing or invalid ({e}); export with export.py")
+    except RuntimeError as e:
+        raise PredictError(f"{pte_path}: not a loadable ExecuTorch program ({str(e).splitlines()[0][:200]})")
+
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().cpu().contiguous()
+        logits = [method.execute([x[i:i + 1]])[0] for i in range(len(x))]
+        return torch.softmax(torch.cat(logits).float(), dim=1)
+    return probs, class_names, prep
+
+
+def model_predictor(path: Path) -> tuple[Callable, list[str], "images.Preprocess"]:
+    """An exported file by its suffix: .pte (ExecuTorch), else ONNX."""
+    return pte_predictor(path) if path.suffix == ".pte" else onnx_predictor(path)
+
+
 def predict_files(paths: Iterator[tuple[str, str | None]], probs_fn: Callable, class_names: list[str],
                   prep: "images.Preprocess", topk: int, bbox: tuple[int, int, int, int] | None = None,
                   batch_size: int = 32, on_result: Callable | None = None,
@@ -175,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     ap.add_argument("--checkpoint", type=Path, help="a checkpoint (default: the newest runs/*/best.pt)")
-    ap.add_argument("--model", type=Path, help="an exported .onnx model instead of a checkpoint (needs onnxruntime)")
+    ap.add_argument("--model", type=Path, help="an exported model instead of a checkpoint: .onnx (needs onnxruntime) "
+                                               "or .pte (ExecuTorch, needs executorch)")
     ap.add_argument("--topk", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda (checkpoints only)")
@@ -195,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError("give either --checkpoint or --model, not both")
         bbox = parse_bbox(args.bbox) if args.bbox else None
         if args.model is not None:
-            probs_fn, class_names, prep = onnx_predictor(args.model)
+            probs_fn, class_names, prep = model_predictor(args.model)
             source = str(args.model)
         else:
             ckpt_path = args.checkpoint

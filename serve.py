@@ -4,6 +4,9 @@
     python serve.py --checkpoint runs/<name>/best.pt --host 0.0.0.0   # reachable from a phone on this network
     python serve.py --model ghostnet.onnx                  # an exported model, run with onnxruntime
 
+    python serve.py --on-device runs/<name>/web           # export.py --format web's page: the model runs on the phone
+    python serve.py --on-device DIR --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem   # HTTPS: installable
+
     GET  /          the page: take or choose a photo, see the top-5 car models
     GET  /health    {"status": "ok", "model": ..., "classes": N}
     POST /predict   the image as the body (or multipart/form-data with one file): predict.py --json's JSON;
@@ -32,6 +35,7 @@ import email.parser
 import email.policy
 import json
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -101,6 +105,20 @@ def read_upload(content_type: str, body: bytes, header_name: str | None) -> tupl
 
 
 PAGE_PATH = "/"
+# --on-device: the exported folder's files (webapp.py), served by name only, never by a path from the request
+SITE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".mjs": "text/javascript",
+              ".wasm": "application/wasm", ".onnx": "application/octet-stream", ".json": "application/json",
+              ".webmanifest": "application/manifest+json", ".png": "image/png"}
+
+
+def site_files(folder: Path) -> dict[str, Path]:
+    """{"/name": path} of a folder written by `export.py --format web`; "/" is its index.html."""
+    if not (folder / "index.html").is_file() or not (folder / "model.onnx").is_file():
+        raise predict.PredictError(f"{folder}: not an on-device page (no index.html / model.onnx); write one with "
+                                   f"`python export.py runs/<name>/best.pt --format web --out {folder}`")
+    files = {f"/{p.name}": p for p in folder.iterdir() if p.is_file() and p.suffix in SITE_TYPES}
+    files[PAGE_PATH] = folder / "index.html"
+    return files
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -111,14 +129,29 @@ class Handler(BaseHTTPRequestHandler):
     # ---- routes
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
-        if path == PAGE_PATH:
+        if self.server.site is not None:
+            self.send_site_file(path)
+        elif path == PAGE_PATH:
             self.send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
         elif path == "/health":
             self.send_json(HTTPStatus.OK, self.server.predictor.health())
         else:
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no page {path}; open / or POST an image to /predict"})
 
+    def send_site_file(self, path: str) -> None:
+        f = self.server.site.get(path)
+        if f is None:
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no file {path}; open /"})
+            return
+        # cross-origin isolation: what multi-threaded WebAssembly (SharedArrayBuffer) needs in a browser
+        self.send(HTTPStatus.OK, f.read_bytes(), SITE_TYPES[f.suffix],
+                  {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"})
+
     def do_POST(self) -> None:
+        if self.server.site is not None:
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": "this server only hands out the page: the model runs on "
+                                                           "the phone (--on-device)"})
+            return
         if urlsplit(self.path).path != "/predict":
             self.send_json(HTTPStatus.NOT_FOUND, {"error": "POST the image to /predict"})
             return
@@ -168,8 +201,10 @@ class Handler(BaseHTTPRequestHandler):
             nbytes -= len(chunk)
 
     # ---- replies
-    def send(self, status: int, body: bytes, content_type: str) -> None:
+    def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -203,9 +238,9 @@ class Server(ThreadingHTTPServer):
     """ThreadingHTTPServer with a bound on open connections and a deadline on each (see the module doc)."""
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], predictor: Predictor, max_bytes: int, connections: int = 32,
-                 request_seconds: float = 30.0, quiet: bool = False):
-        self.predictor, self.max_bytes, self.quiet = predictor, max_bytes, quiet
+    def __init__(self, address: tuple[str, int], predictor: Predictor | None, max_bytes: int, connections: int = 32,
+                 request_seconds: float = 30.0, quiet: bool = False, site: dict[str, Path] | None = None):
+        self.predictor, self.max_bytes, self.quiet, self.site = predictor, max_bytes, quiet, site
         self.request_seconds = request_seconds
         self.connection_slots = threading.BoundedSemaphore(connections)
         super().__init__(address, Handler)
@@ -252,7 +287,7 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
     if args.model is not None and args.checkpoint is not None:
         raise predict.PredictError("give either --checkpoint or --model, not both")
     if args.model is not None:
-        probs_fn, class_names, prep = predict.onnx_predictor(args.model)
+        probs_fn, class_names, prep = predict.model_predictor(args.model)
         source = str(args.model)
     else:
         path = args.checkpoint
@@ -266,6 +301,20 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
         probs_fn, class_names, prep = predict.torch_predictor(path, device)
         source = str(path)
     return Predictor(probs_fn, class_names, prep, source, topk=args.topk, workers=args.workers)
+
+
+def use_tls(server: Server, cert: Path | None, key: Path | None) -> str:
+    """HTTPS with the user's certificate (a phone's browser installs the page and its service worker only
+    from a secure context: https, or localhost). Returns the URL scheme."""
+    if not cert and not key:
+        return "http"
+    if not (cert and key):
+        raise ValueError("--tls-cert and --tls-key go together (the certificate and its private key, PEM)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    # the handshake happens in the connection's own thread (first read), so a slow client holds no other one
+    server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return "https"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-mb", type=float, default=20.0, help="largest upload in MB (larger get 413)")
     ap.add_argument("--request-seconds", type=float, default=30.0, help="deadline of one connection")
     ap.add_argument("--quiet", action="store_true", help="no line per request")
+    ap.add_argument("--on-device", type=Path, metavar="FOLDER",
+                    help="serve the page of `export.py --format web` instead: the phone's browser runs the model "
+                         "and the photo never leaves it (no --checkpoint / --model needed)")
+    ap.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM), with --tls-key")
+    ap.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     return ap
 
 
@@ -291,9 +345,16 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("topk", "workers", "connections"):
             if getattr(args, flag) < 1:
                 raise predict.PredictError(f"--{flag} must be at least 1")
-        predictor = load_predictor(args)
+        site = site_files(args.on_device) if args.on_device else None
+        predictor = None if site else load_predictor(args)
         server = Server((args.host, args.port), predictor, max_bytes=int(args.max_mb * 2**20),
-                        connections=args.connections, request_seconds=args.request_seconds, quiet=args.quiet)
+                        connections=args.connections, request_seconds=args.request_seconds, quiet=args.quiet,
+                        site=site)
+        scheme = use_tls(server, args.tls_cert, args.tls_key)
+    except ssl.SSLError as e:
+        print(f"error: --tls-cert/--tls-key: {e.reason or e}; pass the certificate and its private key (PEM)",
+              file=sys.stderr)
+        return 2
     except OSError as e:  # e.g. the port is taken
         print(f"error: cannot listen on {args.host}:{args.port} ({e.strerror or e}); try another --port",
               file=sys.stderr)
@@ -302,12 +363,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
-    print(f"serving {predictor.source} ({len(predictor.class_names)} classes)")
+    if site:
+        print(f"serving the on-device page {args.on_device}: the phone runs the model, this server hands out files"
+              + ("" if scheme == "https" else "; over plain http a phone on the LAN gets the page and the model "
+                 "but no offline install (that needs HTTPS: --tls-cert/--tls-key)"))
+    else:
+        print(f"serving {predictor.source} ({len(predictor.class_names)} classes)")
     if host in ("0.0.0.0", "::"):
         for ip in lan_addresses() or ["<this machine's address>"]:
-            print(f"open on a phone on this network: http://{ip}:{port}/")
+            print(f"open on a phone on this network: {scheme}://{ip}:{port}/")
         host = "127.0.0.1"
-    print(f"open: http://{host}:{port}/   (Ctrl-C stops)", flush=True)
+    print(f"open: {scheme}://{host}:{port}/   (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

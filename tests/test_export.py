@@ -15,6 +15,7 @@ import augment
 import images
 import export
 import model as M
+import predict
 import runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,6 +241,31 @@ def test_pt2_matches_pytorch_and_loads_without_extension(arch, ckpts, image_dir,
                 f"y = m(torch.zeros(2, 3, {IMG}, {IMG})); assert y.shape == (2, {len(CLASSES)}); print('ok')")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_pte_matches_pytorch_and_predicts(ckpts, image_dir, tmp_path, capsys):
+    """An ExecuTorch program lowered to XNNPACK: logits within 1e-4 relative of PyTorch's on real photos,
+    standard operators only, and predict.py --model FILE.pte gives the checkpoint's answers."""
+    import importlib.util
+    if importlib.util.find_spec("executorch") is None:
+        msg = "executorch is not installed (pip install executorch==1.5.1 with a constraint keeping torch)"
+        print(f"skipped: {msg}")
+        pytest.skip(msg)
+    out = tmp_path / "ghostnet.pte"
+    info = export.export(ckpts["ghostnet"], "pte", out, images=[str(image_dir)], runs=3, log=lambda s: None)
+    assert info["verify"]["ok"] and info["verify"]["max_rel"] <= 1e-4
+    assert not any("ghost_ext" in t for t in info["op_types"])
+    check_metadata(export.read_metadata(out), ckpts["ghostnet"])
+    x, ref = reference_logits(ckpts["ghostnet"], image_dir)
+    got = export.load_runner(out, "pte", threads=1)(x)
+    assert max_rel(got, ref) <= 1e-4 and torch.equal(got.argmax(1), ref.argmax(1))
+    photo = sorted(image_dir.glob("*"))[0]
+    assert predict.main([str(photo), "--model", str(out), "--json"]) == 0
+    pte = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert predict.main([str(photo), "--checkpoint", str(ckpts["ghostnet"]), "--json"]) == 0
+    pt = json.loads(capsys.readouterr().out)["predictions"][0]["top"]
+    assert [t["class"] for t in pte] == [t["class"] for t in pt]
+    assert all(abs(a["probability"] - b["probability"]) < 1e-4 for a, b in zip(pte, pt))
 
 
 # ---------------------------------------------------------------------------------------------------- predict.py
