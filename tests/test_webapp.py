@@ -181,3 +181,21 @@ def test_https_with_the_users_certificate(site, tmp_path):
     assert serve.main(["--on-device", str(site / "site"), "--port", "0", "--tls-cert", str(cert),
                        "--tls-key", str(cert)]) == 2
     assert serve.main(["--on-device", str(tmp_path)]) == 2  # not an exported page
+
+
+@pytest.mark.slow
+def test_parity_benchmark_runs_end_to_end(site, tmp_path):
+    """benchmarks/web_parity.py on three crops photos: what it reports is what the page and predict.py gave."""
+    browser_or_skip()
+    sys_path = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    import sys
+    sys.path.insert(0, sys_path)
+    try:
+        import web_parity
+        assert web_parity.main(["--checkpoint", str(site / "best.pt"), "--data", str(CROPS.parent), "--limit", "3",
+                                "--site", str(site / "site"), "--out", str(tmp_path)]) == 0
+    finally:
+        sys.path.remove(sys_path)
+    res = json.loads((tmp_path / "web_parity.json").read_text())
+    assert res["metrics"]["photos"] == 3 and res["metrics"]["top1_agree"] == 1.0
+    assert res["metrics"]["max_prob_diff"] <= 0.02 and "web_parity.py" in res["command"]
