@@ -42,7 +42,7 @@ import torch.nn as nn
 import data
 import model as M
 import webapp
-from runs import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
+from runs import CHECKPOINT_FORMAT, CheckpointError, config_of, load_checkpoint, model_from_checkpoint
 from common import time_models
 # names, not the module: verify_inputs takes a parameter called images
 from images import ImageError, ImageSize, Preprocess, load_image
@@ -52,6 +52,7 @@ METADATA_FILE = "ghostcars.json"            # name inside the .pt2 archive (torc
 # blows up on logits near zero, so the scale is the image's largest logit).
 TOL_FP32 = 1e-4
 TOL_FP16 = 2e-2                             # float16 has ~3 decimal digits; errors add up over ~20 layers
+TOL_INT8 = 0.25                             # 8-bit activations: a sanity bound; accuracy is what counts (bench_mobile)
 
 
 class ExportError(Exception):
@@ -216,7 +217,8 @@ def require_executorch() -> None:
                           "print(torch.__version__)'))")
 
 
-def export_pte(app: AppModel, example: torch.Tensor, out: Path, meta: dict[str, str]) -> dict[str, Any]:
+def export_pte(app: AppModel, example: torch.Tensor, out: Path, meta: dict[str, str],
+               calib: torch.Tensor | None = None) -> dict[str, Any]:
     """An ExecuTorch program for phones (ExecuTorch's Android/iOS runtimes): torch.export at batch 1, then
     every supported operator lowered to the XNNPACK delegate (ARM/x86 CPU kernels). The ghost op is already
     plain aten ops here (app_model uses the reference path), so the file needs no custom kernel. Class names
@@ -226,16 +228,63 @@ def export_pte(app: AppModel, example: torch.Tensor, out: Path, meta: dict[str, 
     import copy
     # XNNPACK lays out its own tensors: it takes the weights NCHW (fuse_for_inference made them channels_last)
     app = copy.deepcopy(app).to(memory_format=torch.contiguous_format)
+    net = quantize_pt2e(app, calib) if calib is not None else app
     with torch.no_grad():
-        ep = torch.export.export(app, (example[:1].contiguous(),))
+        ep = torch.export.export(net, (example[:1].contiguous(),))
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    ops = sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
-                  for n in edge.exported_program().graph.nodes if n.op == "call_function"})
+    names = [getattr(n.target, "__name__", str(n.target)) for n in edge.exported_program().graph.nodes
+             if n.op == "call_function"]
+    ops = sorted({n.split(".")[1] if n.startswith("aten.") else n for n in names})  # what XNNPACK did not take
     prog = edge.to_executorch()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(prog.buffer)
     sidecar_path(out).write_text(json.dumps(meta, indent=1) + "\n")
     return {"op_types": ops, "nodes": len(ops), "sidecar": str(sidecar_path(out))}
+
+
+def calibration_batch(ckpt: dict[str, Any], count: int, seed: int = 0) -> torch.Tensor:
+    """`count` training images of the checkpoint's own run (its --val-split hold-out and the test split left
+    out), seeded, preprocessed as the model sees them: what int8 quantization calibrates its ranges on."""
+    cfg = config_of(ckpt)
+    spec = data.find_dataset(cfg.run.data)
+    train = data.make_splits(spec, val_split=cfg.data.val_split, seed=data.holdout_seed(cfg.flat()))["train"]
+    prep = Preprocess.from_dict(ckpt["preprocess"])
+    return torch.stack([prep.to_model_input(load_image(r.path, prep)[None])[0]
+                        for r in data.subset(train, count, seed)])
+
+
+def quantize_onnx(fp32: Path, out: Path, calib: torch.Tensor) -> None:
+    """Static int8 (QDQ) with onnxruntime's tools: int8 weights per channel, uint8 activations with ranges
+    from the calibration images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calib.split(1))
+
+        def get_next(self) -> dict | None:
+            b = next(self.batches, None)
+            return None if b is None else {"images": b.numpy()}
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    pre.unlink()
+
+
+def quantize_pt2e(app: AppModel, calib: torch.Tensor) -> torch.nn.Module:
+    """PT2E static int8 with ExecuTorch's XNNPACK quantizer (symmetric, per-channel weights), calibrated on
+    the images; the result is exported and lowered like the float32 model."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    gm = torch.export.export(app, (calib[:1],)).module()
+    prepared = prepare_pt2e(gm, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    with torch.no_grad():
+        for b in calib.split(1):
+            prepared(b)
+    return convert_pt2e(prepared)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,33 +379,34 @@ def compare_logits(got: torch.Tensor, ref: torch.Tensor, tol: float) -> dict[str
 # command line
 
 
-def default_out(ckpt_path: Path, fmt: str, fp16: bool) -> Path:
-    return ckpt_path.with_suffix((".fp16" if fp16 else "") + "." + fmt)
+def default_out(ckpt_path: Path, fmt: str, fp16: bool, int8: bool = False) -> Path:
+    return ckpt_path.with_suffix((".fp16" if fp16 else ".int8" if int8 else "") + "." + fmt)
 
 
 def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = None, fp16: bool = False,
            batch: str = "dynamic", opset: int = 18, images: list[str] | None = None, verify_count: int = 8,
            verify: bool = True, threads: int | None = None, runs: int = 50,
-           log: Callable[[str], None] = print) -> dict[str, Any]:
+           log: Callable[[str], None] = print, int8: bool = False, calib_count: int = 200) -> dict[str, Any]:
     """Export, verify and time; returns what it printed as a dict. Raises ExportError / VerifyError /
     CheckpointError / data.DataError / images.ImageError with one-line messages."""
     if fmt in ("onnx", "web"):
         require_onnx()                      # before the slow work, so the hint comes at once
     if fmt == "pte":
         require_executorch()
-        if fp16:
-            raise ExportError("--format pte is float32 (XNNPACK); drop --fp16")
+    if fp16 and fmt in ("pte", "web"):
+        raise ExportError(f"--format {fmt} is float32 or --int8; drop --fp16")
+    if int8 and (fp16 or fmt not in ("onnx", "pte")):
+        raise ExportError("--int8 makes .onnx (onnxruntime QDQ) and .pte (XNNPACK) files; not with --fp16 or "
+                          f"--format {fmt}")
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     site = None
     if fmt == "web":                        # a folder: the ONNX model in it, then the page around it
-        if fp16:
-            raise ExportError("--format web runs float32 in WebAssembly; drop --fp16")
         webapp.ort_version()                # npm's copy of onnxruntime-web is there, before the slow work
         site = Path(out) if out else ckpt_path.parent / "web"
         site.mkdir(parents=True, exist_ok=True)
         out, fmt = site / "model.onnx", "onnx"
-    out = Path(out) if out else default_out(ckpt_path, fmt, fp16)
+    out = Path(out) if out else default_out(ckpt_path, fmt, fp16, int8)
     if out.resolve() == ckpt_path.resolve():
         raise ExportError(f"{out}: --out would overwrite the checkpoint; choose another file")
     if threads is not None and threads < 1:
@@ -372,10 +422,20 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
     x, what = verify_inputs(ckpt["preprocess"], images or [], max(verify_count, 1))
     example = x[:1] if batch == "1" else x[:2] if len(x) >= 2 else x.repeat(2, 1, 1, 1)
     meta = metadata(ckpt, str(ckpt_path), fp16)
+    calib = calibration_batch(ckpt, calib_count) if int8 else None
+    if int8:
+        meta["precision"] = f"int8 (static, calibrated on {len(calib)} training images)"
     t0 = time.perf_counter()
-    info = (export_onnx(app, example, out, meta, batch, opset) if fmt == "onnx"
-            else export_pte(app, example, out, meta) if fmt == "pte"
-            else export_pt2(app, example, out, meta, batch))
+    if fmt == "onnx" and int8:  # float32 first, then onnxruntime's quantizer over it
+        info = export_onnx(app, example, out.with_suffix(".fp32.onnx"), meta, batch, opset)
+        quantize_onnx(out.with_suffix(".fp32.onnx"), out, calib)
+        out.with_suffix(".fp32.onnx").unlink()
+        import onnx
+        info["op_types"] = sorted({n.op_type for n in onnx.load(str(out)).graph.node})
+    else:
+        info = (export_onnx(app, example, out, meta, batch, opset) if fmt == "onnx"
+                else export_pte(app, example, out, meta, calib) if fmt == "pte"
+                else export_pt2(app, example, out, meta, batch))
     info.update(path=str(out), size_mb=out.stat().st_size / 2**20, export_s=time.perf_counter() - t0)
     log(f"wrote {out} ({info['size_mb']:.2f} MB, {fmt}{', opset ' + str(info['opset']) if fmt == 'onnx' else ''}, "
         f"{meta['precision']}, batch {batch}, {info['export_s']:.1f} s) "
@@ -403,7 +463,7 @@ def export(ckpt_path: str | Path, fmt: str = "onnx", out: str | Path | None = No
         got = torch.cat([run(x[i:i + 1]) for i in range(len(x))])
     else:
         got = run(x)
-    cmp = compare_logits(got.float(), ref, TOL_FP16 if fp16 else TOL_FP32)
+    cmp = compare_logits(got.float(), ref, TOL_INT8 if int8 else TOL_FP16 if fp16 else TOL_FP32)
     info["verify"] = cmp
     log(f"  verify on {what}: max rel error {cmp['max_rel']:.2e} (tolerance {cmp['tol']:.0e}), "
         f"max abs {cmp['max_abs']:.2e}, top-1 agrees {cmp['top1_agree']}/{cmp['n']} -> "
@@ -445,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true",
                    help=f"float16 weights and compute, float32 input/output: half the file, for GPU / mobile "
                         f"runtimes (on x86 CPUs float32 is faster); verified to a relative tolerance of {TOL_FP16:g}")
+    p.add_argument("--int8", action="store_true",
+                   help="static int8 quantization calibrated on --calib-count training images of the run (onnx: "
+                        "onnxruntime QDQ; pte: PT2E with the XNNPACK quantizer): about a quarter of the file")
+    p.add_argument("--calib-count", type=int, default=200, help="calibration images for --int8 (default 200)")
     p.add_argument("--batch", choices=("dynamic", "1"), default="dynamic",
                    help="dynamic: any batch size; 1: fixed batch 1 (some mobile runtimes want static shapes)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the exporter's minimum)")
@@ -461,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         export(args.checkpoint, args.format, args.out, args.fp16, args.batch, args.opset, args.images,
-               args.verify_count, not args.no_verify, args.threads, args.runs)
+               args.verify_count, not args.no_verify, args.threads, args.runs, int8=args.int8,
+               calib_count=args.calib_count)
     except VerifyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = torch_logits(ckpt, paths)
     web, info = page_logits(site, paths, exe, args.screenshot)
     res = {"metrics": compare(web, ref, labels), **info, "checkpoint": str(args.checkpoint), "data": args.data,
-           "split": args.split, "command": shlex.join(["python", *sys.argv]),
+           "split": args.split,
+           "command": shlex.join(["python", "benchmarks/web_parity.py", *(sys.argv[1:] if argv is None else argv)]),
            "machine": f"{cpu_name()}, {platform.machine()}", "torch": torch.__version__,
            "onnxruntime_web": webapp.ort_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     args.out.mkdir(parents=True, exist_ok=True)
