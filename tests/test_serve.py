@@ -248,19 +248,26 @@ def chromium_path() -> str | None:
     return os.environ.get("GHOSTCARS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def browser_or_skip():
+    """(playwright.sync_api, chromium executable); in CI both must be there (.ci/run installs them), so the
+    page tests run there rather than skip."""
+    if os.environ.get("CI"):
+        import playwright.sync_api as sync_api
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api")
+    exe = chromium_path()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Chromium for the page tests (.ci/run installs Debian's chromium)")
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    return sync_api, exe
+
+
 @pytest.mark.slow
 def test_page_in_headless_chromium(real_data, tmp_path):
     """A real browser opens the page, uploads a real photo, and reads the top-5 names the API gives; a bad
     file shows the reason. The phone-sized screenshot goes to $GHOSTCARS_SCREENSHOT (docs/app.png)."""
-    if os.environ.get("CI"):  # .ci/run installs both: in CI this test must run, not skip
-        import playwright.sync_api as sync_api
-    else:
-        sync_api = pytest.importorskip("playwright.sync_api")
-    browser_exe = chromium_path()
-    if browser_exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI needs Chromium for the page test (.ci/run installs Debian's chromium)")
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    sync_api, browser_exe = browser_or_skip()
     # docs/app.png is taken with a trained model ($GHOSTCARS_SCREENSHOT_CKPT); the test alone needs none
     ck = (Path(os.environ["GHOSTCARS_SCREENSHOT_CKPT"]) if os.environ.get("GHOSTCARS_SCREENSHOT_CKPT") else
           make_checkpoint(tmp_path / "best.pt", class_names=data.find_dataset(real_data).class_names, img_size=96))

@@ -20,24 +20,10 @@ import model as M
 import runs
 import serve
 import webapp
-from test_serve import chromium_path
+from test_serve import browser_or_skip
 from test_train import REPO
 
 CROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "crops" / "stanford_cars"
-
-
-def browser_or_skip():
-    """(playwright.sync_api, chromium executable); in CI both must be there (.ci/run installs them)."""
-    if os.environ.get("CI"):
-        import playwright.sync_api as sync_api
-    else:
-        sync_api = pytest.importorskip("playwright.sync_api")
-    exe = chromium_path()
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI needs Chromium for the page test (.ci/run installs Debian's chromium)")
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
-    return sync_api, exe
 
 
 @pytest.fixture(scope="module")
