@@ -46,29 +46,14 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 def browser_latency(site: Path, exe: str, runs_: int) -> float:
     """Median ms of session.run on one input, in the page (its own performance.now clock)."""
-    from playwright.sync_api import sync_playwright
-    import threading
-
-    import serve
-    s = serve.Server(("127.0.0.1", 0), None, max_bytes=2**20, quiet=True, site=serve.site_files(site))
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{s.server_address[1]}/")
-            page.wait_for_function("document.getElementById('status').textContent === 'Ready.'", timeout=120_000)
-            times = page.evaluate("""async (n) => {
-                const p = model.info.preprocess, s = Array.isArray(p.img_size) ? p.img_size : [p.img_size, p.img_size];
-                const c = p.grayscale ? 1 : 3, x = new ort.Tensor("float32", new Float32Array(c * s[0] * s[1]), [1, c, s[0], s[1]]);
-                const feed = {[model.session.inputNames[0]]: x}, t = [];
-                for (let i = 0; i < 3; i++) await model.session.run(feed);
-                for (let i = 0; i < n; i++) { const t0 = performance.now(); await model.session.run(feed); t.push(performance.now() - t0); }
-                return t; }""", runs_)
-            browser.close()
-    finally:
-        s.shutdown()
-        s.server_close()
+    with web_parity.open_page(site, exe) as (_, _, page):
+        times = page.evaluate("""async (n) => {
+            const p = model.info.preprocess, s = Array.isArray(p.img_size) ? p.img_size : [p.img_size, p.img_size];
+            const c = p.grayscale ? 1 : 3, x = new ort.Tensor("float32", new Float32Array(c * s[0] * s[1]), [1, c, s[0], s[1]]);
+            const feed = {[model.session.inputNames[0]]: x}, t = [];
+            for (let i = 0; i < 3; i++) await model.session.run(feed);
+            for (let i = 0; i < n; i++) { const t0 = performance.now(); await model.session.run(feed); t.push(performance.now() - t0); }
+            return t; }""", runs_)
     return statistics.median(times)
 
 

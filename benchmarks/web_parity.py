@@ -10,6 +10,7 @@ into --out (web_parity.json / .md). Needs chromium and playwright (as tests/test
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -48,37 +49,45 @@ def torch_logits(ckpt: dict, paths: list[str], batch: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def page_logits(site: Path, paths: list[str], chromium: str, screenshot: Path | None = None
-                ) -> tuple[torch.Tensor, dict]:
+@contextlib.contextmanager
+def open_page(site: Path, chromium: str):
+    """The exported page served from loopback (serve.py --on-device) in headless Chromium at a phone's width,
+    loaded and ready; yields (browser, context, page). Shuts both down after."""
     from playwright.sync_api import sync_playwright
     s = serve.Server(("127.0.0.1", 0), None, max_bytes=2**20, quiet=True, site=serve.site_files(site))
     threading.Thread(target=s.serve_forever, daemon=True).start()
-    out, info = [], {}
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            info["browser"] = f"Chromium {browser.version} (headless)"
             context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
                                           is_mobile=True, has_touch=True)  # a phone's screen
             page = context.new_page()
             page.goto(f"http://127.0.0.1:{s.server_address[1]}/")
             page.wait_for_function("document.getElementById('status').textContent === 'Ready.'", timeout=120_000)
-            page.evaluate("navigator.serviceWorker.ready.then(() => true)")
-            info["threads"] = page.evaluate("ort.env.wasm.numThreads")
-            context.set_offline(True)  # as on a phone after the first load: nothing leaves the page
-            t0 = time.perf_counter()
-            for p in tqdm(paths, desc="the page's logits", leave=False):
-                page.set_input_files("#file", p)
-                page.wait_for_function(f"document.getElementById('status').textContent === {json.dumps(Path(p).name)}",
-                                       timeout=60_000)
-                out.append(torch.tensor(json.loads(page.inner_text("#logits"))))
-            info["seconds_per_photo"] = (time.perf_counter() - t0) / max(1, len(paths))
-            if screenshot is not None:  # the page as the last photo left it
-                page.screenshot(path=str(screenshot), full_page=True)
+            yield browser, context, page
             browser.close()
     finally:
         s.shutdown()
         s.server_close()
+
+
+def page_logits(site: Path, paths: list[str], chromium: str, screenshot: Path | None = None
+                ) -> tuple[torch.Tensor, dict]:
+    out = []
+    with open_page(site, chromium) as (browser, context, page):
+        info = {"browser": f"Chromium {browser.version} (headless)"}
+        page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+        info["threads"] = page.evaluate("ort.env.wasm.numThreads")
+        context.set_offline(True)  # as on a phone after the first load: nothing leaves the page
+        t0 = time.perf_counter()
+        for p in tqdm(paths, desc="the page's logits", leave=False):
+            page.set_input_files("#file", p)
+            page.wait_for_function(f"document.getElementById('status').textContent === {json.dumps(Path(p).name)}",
+                                   timeout=60_000)
+            out.append(torch.tensor(json.loads(page.inner_text("#logits"))))
+        info["seconds_per_photo"] = (time.perf_counter() - t0) / max(1, len(paths))
+        if screenshot is not None:  # the page as the last photo left it
+            page.screenshot(path=str(screenshot), full_page=True)
     return torch.stack(out), info
 
 
