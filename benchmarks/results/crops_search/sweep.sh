@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The crops search (docs/recipes_crops.md): validation runs of --recipe fast, two at a time with one thread each
+# (never beside other torch work), each run folder under benchmarks/results/crops_search/.
+#   bash benchmarks/results/crops_search/sweep.sh NAME "TRAIN ARGS" NAME2 "TRAIN ARGS 2"
+# A run whose metrics.csv already has all its epochs is skipped; one with last.pt is resumed.
+set -u
+cd "$(dirname "$0")/../../.."
+OUT=benchmarks/results/crops_search
+run() {
+  local name=$1; shift
+  local args="--data ../shared/data/crops --recipe fast --val-split 0.1 --val-seed 0 --threads 1 --workers 1 $*"
+  if [ -f "$OUT/$name/final.pt" ]; then echo "$name: done"; return 0; fi
+  if [ -f "$OUT/$name/last.pt" ]; then
+    OMP_NUM_THREADS=1 python train.py --resume "$OUT/$name" --threads 1 > "$OUT/$name.log" 2>&1
+  else
+    OMP_NUM_THREADS=1 python train.py $args --out "$OUT" --name "$name" > "$OUT/$name.log" 2>&1
+  fi
+  echo "$name: exit $? $(tail -1 "$OUT/$name.log")"
+}
+while [ $# -ge 2 ]; do
+  run "$1" "$2" &
+  if [ $# -ge 4 ]; then run "$3" "$4" & shift 2; fi
+  shift 2
+  wait
+done
