@@ -133,8 +133,9 @@ def experiments(epochs: int) -> list[Experiment]:
 
 
 # The recipes campaign (--campaign recipes): the study's recipe against --recipe fast at one length, each
-# trained on all of cars_train for exactly --epochs (no early stopping, no validation split), scoring the
-# final model on cars_test, so no checkpoint is chosen on the images that are reported.
+# trained on all of cars_train for exactly --epochs (no early stopping, no validation split, and with
+# --no-validate no per-epoch look at cars_test either), scoring final.pt on cars_test once, so nothing is
+# chosen on the images that are reported.
 RECIPE_SEEDS = 3
 # the fast recipe's evaluation flags: none. On the validation split flip TTA moved top-1 by less than one image
 # in a hundred and a larger test size (112 px after training at 96) lost 3.8 points (docs/recipes.md)
@@ -145,14 +146,14 @@ def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS, fast_args: Sequen
     """The study's recipe and --recipe fast, `seeds` runs each; fast_args go to the fast runs only (after the
     common flags, so they win): e.g. another input size and the epochs that fit the same wall time."""
     ms = [str(m) for m in scaled_milestones(epochs)]
-    study = ["--recipe", "study", "--scheduler", "multistep", "--milestones", *ms, "--gamma", "0.1"]
+    study = ["--recipe", "study", "--scheduler", "multistep", "--milestones", *ms, "--gamma", "0.1", "--no-validate"]
     exps = []
     for k in range(seeds):
         exps.append(Experiment(f"study_s{k}", "C-50", ("recipes",), "study",
                                f"the study's recipe, milestones scaled to {epochs} epochs, seed + {k}",
                                study, seed_offset=k, checkpoint="final.pt"))
         exps.append(Experiment(f"fast_s{k}", "--recipe fast", ("recipes",), "fast",
-                               f"--recipe fast, seed + {k}", ["--recipe", "fast", *fast_args], seed_offset=k,
+                               f"--recipe fast, seed + {k}", ["--recipe", "fast", "--no-validate", *fast_args], seed_offset=k,
                                checkpoint="final.pt", eval_flags=list(FAST_EVAL)))
     return exps
 
@@ -705,9 +706,10 @@ def search_table(folder: Path) -> int:
     marks = (4, 8, 12, 20)
     L = [f"# Choosing --recipe fast on the validation split ({show_path(Path(folder))})", "",
          "Validation = a stratified 10 % of cars_train (555 images, `--val-split 0.1`, seed 0); cars_test was not "
-         "looked at. One seed per run, so a top-1 difference under about 1.5 points (8 images) is noise; the "
+         "looked at. With one seed a top-1 difference under about 1.5 points (8 images) is noise; the "
          "validation loss is the steadier signal. Runs stopped early (to free the core for the next) end before "
-         "their --epochs.", "",
+         "their --epochs. Runs named `<candidate>_s<k>` are seeds of one candidate: their means are below the "
+         "table.", "",
          "| run | options (against the first run's) | epochs run / planned | "
          + " | ".join(f"ep {m}: top-1 / top-5 / loss" for m in marks) + " | last: top-1 / top-5 / loss | train acc (last) |",
          "|---|---|---|" + "---|" * (len(marks) + 2)]
@@ -723,6 +725,7 @@ def search_table(folder: Path) -> int:
         L.append(f"| `{d.name}` | {diff} | {len(rows)} / {o.get('epochs')} | "
                  + " | ".join(cell(by.get(m)) for m in marks) + f" | {cell(rows[-1])} | "
                  f"{100 * float(rows[-1]['train_acc']):.1f} |")
+    L += seed_means(run_dirs, opts)
     L += ["", f"Written by `python benchmarks/experiments.py --search-table {show_path(Path(folder))}`.", ""]
     (Path(folder) / "results.md").write_text("\n".join(L))
     print(f"wrote {Path(folder) / 'results.md'}")
@@ -730,6 +733,33 @@ def search_table(folder: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- estimate
+def seed_means(run_dirs: list[Path], opts: dict[str, dict]) -> list[str]:
+    """Runs named <candidate>_s<k> grouped by candidate: the last epoch's validation figures per seed and their
+    mean (the score docs/recipes_crops.md decides on), with the training time."""
+    groups: dict[str, list[Path]] = {}
+    for d in run_dirs:
+        m = re.fullmatch(r"(.+)_s(\d+)", d.name)
+        if m:
+            groups.setdefault(m.group(1), []).append(d)
+    if not groups:
+        return []
+    L = ["", "## Means over seeds (last epoch)", "",
+         "| candidate | seeds | top-1 per seed | mean top-1 | mean top-5 | mean loss | mean train acc | "
+         "training min (mean) |", "|---|---|---|---|---|---|---|---|"]
+    for name, dirs in groups.items():
+        last = [read_metrics_csv(d / "metrics.csv")[-1] for d in dirs]
+        done = [len(read_metrics_csv(d / "metrics.csv")) == opts[d.name].get("epochs") for d in dirs]
+        mean = lambda k: statistics.fmean(float(r[k]) for r in last)  # noqa: E731
+        minutes = statistics.fmean(sum(float(r["seconds"]) for r in read_metrics_csv(d / "metrics.csv"))
+                                   for d in dirs) / 60
+        per_seed = ", ".join(f"{100 * float(r['val_acc']):.1f}" + ("" if ok else " (unfinished)")
+                             for r, ok in zip(last, done))
+        L.append(f"| `{name}` | {len(dirs)} | {per_seed} | {100 * mean('val_acc'):.2f} | "
+                 f"{100 * mean('val_top5'):.2f} | {mean('val_loss'):.3f} | {100 * mean('train_acc'):.1f} | "
+                 f"{minutes:.1f} |")
+    return L
+
+
 def estimate(plans: list[Plan], args: argparse.Namespace, env: dict) -> int:
     """2 epochs of each distinct architecture at the best recipe on --estimate-images training images (the
     second epoch's speed counts: no warm-up); projects the campaign's wall time (an upper bound: early
