@@ -27,11 +27,6 @@ from images import Preprocess
 GEOMETRIC = ("flip", "affine", "rotation", "perspective", "resized_crop")  # applied in this order
 # torchvision's defaults: NEAREST for affine/rotation, BILINEAR for perspective/resized crop; fill 0
 INTERPOLATION = {"affine": "nearest", "rotation": "nearest", "perspective": "bilinear", "resized_crop": "bilinear"}
-# TrivialAugment (Mueller & Hutter 2021; torchvision's TrivialAugmentWide): each image gets ONE op of this list at
-# a magnitude drawn from `num_bins` bins, negated with probability 1/2 where the op has a sign. The ranges are
-# torchvision's "wide" ones; translation is 32 px at 224 px there, so here a fraction 32/224 of the side.
-TRIVIAL_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
-               "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 
 
 def _range(v: Any, center: float = 0.0, lo: float | None = None) -> tuple[float, float]:
@@ -383,11 +378,6 @@ class BatchTransform:
                 cols.append(_uniform(B, lo, hi, g))
             p["jitter"] = torch.stack(cols, 1).float()
             p["jitter_order"] = torch.argsort(torch.rand(B, 4, generator=g), 1)
-        if "trivial" in a:
-            p["trivial"] = torch.stack([
-                torch.randint(len(TRIVIAL_OPS), (B,), generator=g),
-                torch.randint(a["trivial"]["num_bins"], (B,), generator=g),
-                (torch.rand(B, generator=g) < 0.5).long()], 1)
         if self.erase is not None:
             c = self.erase
             h, w, found = _sample_box(B, H, W, c["scale"], c["ratio"], g, erase_rule=True)
@@ -442,15 +432,13 @@ class BatchTransform:
 
         def transform_chunk(sl: slice) -> None:
             x = images[sl].to(torch.float32)
-            if M is not None or "jitter" in p or "trivial" in p:
+            if M is not None or "jitter" in p:
                 x = x.mul_(1.0 / 255)  # the colour ops clamp to [0, 1] like torchvision's float kernels
                 if M is not None:
                     crop = p["resized_crop"][sl] if "resized_crop" in p else None
                     x = warp(x, M[sl], self.mode, crop)
                 if "jitter" in p:
                     x = color_jitter(x, p["jitter"][sl].to(dev), p["jitter_order"][sl])
-                if "trivial" in p:
-                    x = trivial_augment(x, p["trivial"][sl], self.augment["trivial"]["num_bins"])
                 x = x.mul_(255.0)
             torch.mul(x, scale, out=out[sl]).add_(shift)  # (x / 255 - mean) / std
             if "erase" in p:
@@ -499,45 +487,6 @@ def mixed_loss(criterion: Callable, logits: torch.Tensor, labels: torch.Tensor, 
     return loss if mix is None else mix.lam * loss + (1 - mix.lam) * criterion(logits, mix.labels_b)
 
 
-def trivial_augment(x: torch.Tensor, ops: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """float [0, 1] (B, C, H, W) images, each with its (op, bin, negate) row of `ops`: torchvision's
-    TrivialAugmentWide ops (v2.functional, one image at a time: one op each, so a loop of B small calls)."""
-    import torchvision.transforms.v2.functional as TF
-
-    H, W = x.shape[-2:]
-    out = x.clone()
-    for k, (op_i, b, neg) in enumerate(ops.tolist()):
-        op, img = TRIVIAL_OPS[op_i], x[k]
-        u = b / (num_bins - 1)  # 0..1 along the op's range
-        sign = -1.0 if neg else 1.0
-        if op == "identity":
-            continue
-        if op in ("shear_x", "shear_y"):
-            deg = math.degrees(math.atan(0.99 * u)) * sign
-            img = TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0],
-                            shear=[deg, 0.0] if op == "shear_x" else [0.0, deg])
-        elif op in ("translate_x", "translate_y"):
-            t = [int(sign * u * 32 / 224 * W), 0] if op == "translate_x" else [0, int(sign * u * 32 / 224 * H)]
-            img = TF.affine(img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0])
-        elif op == "rotate":
-            img = TF.rotate(img, sign * 135.0 * u)
-        elif op in ("brightness", "color", "contrast", "sharpness"):
-            f = 1.0 + sign * 0.99 * u
-            fn = {"brightness": TF.adjust_brightness, "color": TF.adjust_saturation,
-                  "contrast": TF.adjust_contrast, "sharpness": TF.adjust_sharpness}[op]
-            img = fn(img, f)
-        elif op == "posterize":
-            img = TF.posterize((img * 255).round().to(torch.uint8), 8 - int(round(b / ((num_bins - 1) / 6)))) / 255.0
-        elif op == "solarize":
-            img = TF.solarize(img, 1.0 - u)
-        elif op == "autocontrast":
-            img = TF.autocontrast(img)
-        else:
-            img = TF.equalize((img * 255).round().to(torch.uint8)) / 255.0
-        out[k] = img
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # A run's augment options -> BatchTransform's parameters
 
@@ -565,7 +514,6 @@ def augment_from_config(a: AugmentConfig) -> tuple[dict | None, dict | None]:
         "rotation": {"degrees": a.rotation_degrees},
         "perspective": {"p": a.perspective_p, "distortion_scale": a.perspective_scale},
         "resized_crop": {"scale": tuple(a.crop_scale), "ratio": tuple(a.crop_ratio)},
-        "trivial": {"num_bins": 31},
     }
     augment = {}
     for n in names:

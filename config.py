@@ -28,7 +28,7 @@ from images import ImageSize
 
 REPO = Path(__file__).resolve().parent
 RECIPES_DIR = REPO / "recipes"
-AUG_NAMES = ("flip", "affine", "jitter", "rotation", "perspective", "resized_crop", "trivial")  # augment.py's
+AUG_NAMES = ("flip", "affine", "jitter", "rotation", "perspective", "resized_crop")  # augment.py's
 # a replayed config.json is a new run: these name the run, not how it trains
 RUN_IDENTITY = ("name", "resume", "resume_if_exists")
 PER_EPOCH_SCHEDULES = ("multistep", "plateau", "exponential")  # the study's: stepped after each epoch
