@@ -12,9 +12,8 @@ default lives) into the parameters BatchTransform takes.
 from __future__ import annotations
 
 import math
-import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -465,27 +464,6 @@ class BatchTransform:
         finally:
             torch.set_num_threads(prev)
         return out
-
-class Mix(NamedTuple):
-    images: torch.Tensor  # lam * x + (1 - lam) * x rolled by one along the batch
-    labels_b: torch.Tensor  # the labels rolled the same way
-    lam: float
-
-
-def mixup(x: torch.Tensor, labels: torch.Tensor, alpha: float, g: torch.Generator) -> Mix:
-    """mixup (Zhang et al. 2018) on a normalised, already shuffled batch: each image blended with its
-    neighbour, weight lam ~ Beta(alpha, alpha) for the whole batch. torch's Beta takes no generator, so one
-    draw of `g` seeds Python's: a resumed epoch (g restored) mixes the same way."""
-    lam = random.Random(int(torch.randint(2**62, (1,), generator=g))).betavariate(alpha, alpha)
-    return Mix(x * lam + x.roll(1, 0) * (1 - lam), labels.roll(1, 0), lam)
-
-
-def mixed_loss(criterion: Callable, logits: torch.Tensor, labels: torch.Tensor, mix: Mix | None) -> torch.Tensor:
-    """The loss of a batch, mixed or not: lam * loss(own labels) + (1 - lam) * loss(neighbour's labels), which
-    is the loss against the blended (label-smoothed) target distribution."""
-    loss = criterion(logits, labels)
-    return loss if mix is None else mix.lam * loss + (1 - mix.lam) * criterion(logits, mix.labels_b)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # A run's augment options -> BatchTransform's parameters

@@ -178,8 +178,6 @@ class AugmentConfig:
     erase_scale: list[float] = opt([0.02, 0.33], "random erasing area range", nargs=2)
     erase_ratio: list[float] = opt([0.3, 3.3], "random erasing aspect range", nargs=2)
     erase_value: float = opt(0.0, "erased value (after normalization: 0 = mean)")
-    mixup: float = opt(0.0, "mixup: blend each training batch with itself rolled by one, weight ~ Beta(A, A); the loss "
-                       "blends the two labels by the same weight (0 = off)", metavar="A")
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "model": ModelConfig, "train": TrainConfig, "data": DataConfig,
@@ -474,8 +472,6 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(t, k)})")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"--label-smoothing must lie in [0, 1) (got {t.label_smoothing})")
-    if cfg.augment.mixup < 0:
-        raise ConfigError(f"--mixup must be >= 0 (got {cfg.augment.mixup}; 0 = off)")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"--dropout must lie in [0, 1) (got {cfg.model.dropout})")
     if not 0 <= t.ema < 1:

@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import augment as A
 import config as C
 import data
 import distributed
@@ -172,12 +171,9 @@ def train_epoch(cfg: C.Config, env: Setup, d: Data, learner: L.Learner, prog: Pr
                disable=not env.is_main, initial=resume_at)
     for i, (images_, labels) in enumerate(bar, resume_at + 1):
         x = to_input(d, images_, True, s.aug_gen, cfg.train.channels_last)
-        mix = A.mixup(x, labels, cfg.augment.mixup, s.aug_gen) if cfg.augment.mixup else None
-        if mix:
-            x = mix.images
         with env.autocast():
             logits = learner.train_model(x)
-            loss = A.mixed_loss(learner.criterion, logits.float(), labels, mix)
+            loss = learner.criterion(logits.float(), labels)
         prog.step += 1
         first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
         bad_step = torch.where(first_bad, i, bad_step)

@@ -366,10 +366,14 @@ def read_record(run_dir: Path) -> dict:
 
 
 def read_options(run_dir: Path) -> dict:
-    """The flat options of a run's config.json, of this code's schema or an older one."""
+    """The flat options of a run's config.json, of this code's schema or an older one; a run of an option since
+    removed (a measurement that was left out, e.g. mixup) keeps its raw values, the removed one included."""
     try:
         return runs.read_config_json(run_dir / "config.json")[0].flat()
-    except (OSError, ValueError, runs.C.ConfigError):
+    except runs.C.ConfigError:
+        nested = (read_json(run_dir / "config.json") or {}).get("config", {})
+        return {k: v for section in nested.values() if isinstance(section, dict) for k, v in section.items()}
+    except (OSError, ValueError):
         return {}
 
 
@@ -695,7 +699,9 @@ def search_table(folder: Path) -> int:
     """results.md for a folder of train.py run folders on a validation split (the runs a recipe was chosen
     from): each run's options that differ from the first run's, and validation top-1 / top-5 / loss at a
     few shared epochs and at its last epoch, from metrics.csv and config.json."""
-    run_dirs = sorted(d for d in Path(folder).iterdir() if (d / "metrics.csv").exists() and (d / "config.json").exists())
+    run_dirs = [d for d in Path(folder).iterdir() if (d / "metrics.csv").exists() and (d / "config.json").exists()]
+    # in the order they started: the first run is the one the others are compared with
+    run_dirs.sort(key=lambda d: ((read_json(d / "config.json") or {}).get("started") or "", d.name))
     if not run_dirs:
         print(f"error: {folder}: no run folders (metrics.csv + config.json)", file=sys.stderr)
         return 2
@@ -715,7 +721,8 @@ def search_table(folder: Path) -> int:
          "|---|---|---|" + "---|" * (len(marks) + 2)]
     for d in run_dirs:
         o = opts[d.name]
-        diff = ", ".join(f"{k}={o[k]}" for k in sorted(o) if k not in ignore and o.get(k) != base.get(k)) or "–"
+        diff = ", ".join(f"{k}={o[k]}" for k in sorted(o) if k not in ignore and o.get(k) != base.get(k)
+                         and not (k not in base and not o[k])) or "–"  # a since-removed option, off, is no change
         if (d / "NOTE.md").exists():  # a run of code that is not in train.py (a prototype): config.json can't say
             diff += f"; **not train.py as it is: see [NOTE.md]({d.name}/NOTE.md)**"
         rows = read_metrics_csv(d / "metrics.csv")
