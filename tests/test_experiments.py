@@ -236,6 +236,7 @@ def test_recipes_campaign_commands():
         # all of cars_train, a fixed length, nothing chosen on the reported split; one thread per side-by-side run
         assert o["--val-split"] == ["0.0"] and o["--patience"] == ["0"] and o["--epochs"] == ["40"]
         assert o["--threads"] == ["1"] and o["--seed"] == [name[-1]]
+        assert "--no-validate" in o  # not even a per-epoch look at cars_test (val-split 0 would validate on it)
         assert o["--out"][0].endswith("recipes_40ep")
         if name.startswith("study"):
             assert o["--recipe"] == ["study"] and o["--milestones"] == ["21", "25", "29", "33"]

@@ -158,6 +158,15 @@ def test_no_validate_looks_at_no_held_out_image(tmp_path, tiny_data, cache_dir):
     assert (run / "final.pt").exists() and not (run / "best.pt").exists()
     import runs
     assert runs.config_of(runs.load_checkpoint(run / "final.pt")).data.validate is False
+    # validating draws no random number and changes no weight: the same run validating trains the same weights
+    # (so campaigns run before --no-validate existed still describe their training)
+    seen = run_train(*[a for a in base if a != "--no-validate"], "--patience", 0, "--epochs", 2, "--name", "seen",
+                     "--deterministic")
+    blind = run_train(*base, "--patience", 0, "--epochs", 2, "--name", "blind2", "--deterministic")
+    assert seen.returncode == 0 and blind.returncode == 0, seen.stderr + blind.stderr
+    a = torch.load(tmp_path / "seen" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "blind2" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

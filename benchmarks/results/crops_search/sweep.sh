@@ -2,7 +2,8 @@
 # The crops search (docs/recipes_crops.md): validation runs of --recipe fast, two at a time with one thread each
 # (never beside other torch work), each run folder under benchmarks/results/crops_search/.
 #   bash benchmarks/results/crops_search/sweep.sh NAME "TRAIN ARGS" NAME2 "TRAIN ARGS 2"
-# A run whose metrics.csv already has all its epochs is skipped; one with last.pt is resumed.
+# A run with final.pt is skipped; one with last.pt only is resumed. The runs name fast recipe version 3 values
+# by --recipe fast: replay one exactly with `python train.py --config <run>/config.json`.
 set -u
 cd "$(dirname "$0")/../../.."
 OUT=benchmarks/results/crops_search
