@@ -152,8 +152,8 @@ def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS, fast_args: Sequen
         exps.append(Experiment(f"study_s{k}", "C-50", ("recipes",), "study",
                                f"the study's recipe, milestones scaled to {epochs} epochs, seed + {k}",
                                study, seed_offset=k, checkpoint="final.pt"))
-        exps.append(Experiment(f"fast_s{k}", "--recipe fast", ("recipes",), "fast",
-                               f"--recipe fast, seed + {k}", ["--recipe", "fast", "--no-validate", *fast_args], seed_offset=k,
+        exps.append(Experiment(f"fast_s{k}", "--recipe fast", ("recipes",), "fast", f"--recipe fast, seed + {k}",
+                               ["--recipe", "fast", "--no-validate", *fast_args], seed_offset=k,
                                checkpoint="final.pt", eval_flags=list(FAST_EVAL)))
     return exps
 
@@ -754,11 +754,11 @@ def seed_means(run_dirs: list[Path], opts: dict[str, dict]) -> list[str]:
          "| candidate | seeds | top-1 per seed | mean top-1 | mean top-5 | mean loss | mean train acc | "
          "training min (mean) |", "|---|---|---|---|---|---|---|---|"]
     for name, dirs in groups.items():
-        last = [read_metrics_csv(d / "metrics.csv")[-1] for d in dirs]
-        done = [len(read_metrics_csv(d / "metrics.csv")) == opts[d.name].get("epochs") for d in dirs]
+        rows = [read_metrics_csv(d / "metrics.csv") for d in dirs]
+        last = [r[-1] for r in rows]
+        done = [len(r) == opts[d.name].get("epochs") for r, d in zip(rows, dirs)]
         mean = lambda k: statistics.fmean(float(r[k]) for r in last)  # noqa: E731
-        minutes = statistics.fmean(sum(float(r["seconds"]) for r in read_metrics_csv(d / "metrics.csv"))
-                                   for d in dirs) / 60
+        minutes = statistics.fmean(sum(float(e["seconds"]) for e in r) for r in rows) / 60
         per_seed = ", ".join(f"{100 * float(r['val_acc']):.1f}" + ("" if ok else " (unfinished)")
                              for r, ok in zip(last, done))
         L.append(f"| `{name}` | {len(dirs)} | {per_seed} | {100 * mean('val_acc'):.2f} | "

@@ -347,6 +347,29 @@ def test_search_table_marks_runs_of_code_train_py_does_not_have(tmp_path):
     assert "lr=0.01" in rows["c_lr"] and "4.0 / 12.0 / 5.100" in rows["c_lr"]
 
 
+def test_search_table_means_over_seeds_and_runs_of_a_removed_option(tmp_path):
+    """Runs named <candidate>_s<k> get one row of means over their seeds (the score docs/recipes_crops.md
+    decides on); a run of an option this code no longer has (a measurement left out) still shows that option;
+    runs are compared with the one that started first, whatever their names."""
+    header = "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_top5,seconds,img_per_s\n"
+    runs = (("base_s0", "2026-01-01T00:00:00", {}, 0.10), ("base_s1", "2026-01-01T00:00:01", {}, 0.20),
+            ("a_mix_s0", "2026-01-02T00:00:00", {"mixup": 0.2}, 0.30), ("a_mix_s1", "2026-01-02T00:00:01",
+                                                                      {"mixup": 0.2}, 0.50))
+    for name, started, extra, acc in runs:
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {"run": {"name": name, "seed": int(name[-1])}, "train": {"epochs": 2, **extra}}
+        (d / "config.json").write_text(json.dumps({"config": cfg, "started": started}))
+        (d / "metrics.csv").write_text(header + f"1,0.1,5,0.01,5.2,0.02,0.1,10,100\n2,0.1,4.9,0.25,4.0,{acc},0.6,20,100\n")
+    assert X.search_table(tmp_path) == 0
+    text = (tmp_path / "results.md").read_text()
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    assert text.index("| `base_s0`") < text.index("| `a_mix_s0`")  # the first started is the reference
+    assert "mixup=0.2" in rows["a_mix_s1"] and rows["base_s0"].split(" | ")[1] == "–"
+    assert rows["base"].startswith("| `base` | 2 | 10.0, 20.0 | 15.00 | 60.00 | 4.000 | 25.0 | 0.5 |")
+    assert rows["a_mix"].startswith("| `a_mix` | 2 | 30.0, 50.0 | 40.00 |")
+
+
 def test_budget_curve_keeps_a_fast_args_campaign_as_its_own_series(tmp_path):
     """A campaign whose fast runs had their own flags (another size in the study's time) is its own row and
     series: its study runs are not pooled with another folder's study runs of the same length."""
