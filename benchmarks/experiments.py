@@ -395,6 +395,7 @@ def collect(pl: Plan) -> dict:
         val_top1=max((float(r["val_acc"]) for r in rows), default=None),
         train_img_per_s=statistics.median(float(r["img_per_s"]) for r in rows) if rows else None,
         epoch_s_median=statistics.median(float(r["seconds"]) for r in rows) if rows else None,
+        epochs_s_sum=sum(float(r["seconds"]) for r in rows) if rows else None,
         test_top1=m.get("top1"), test_top5=m.get("top5"), test_mean_class=m.get("mean_class_acc"),
         test_images=m.get("images"), params=eff.get("params"), macs=eff.get("macs"),
         cpu_latency_ms=(eff.get("cpu") or {}).get("latency_ms"), latency_threads=eff.get("threads"),
@@ -444,11 +445,29 @@ def _status(r: dict) -> str:
         f" (train exit {r['train_rc']})" if r.get("train_rc") not in (None, 0) else "")
 
 
+THUMBNAILS = "128x96 copy"  # what the folders written before the crops existed trained on
+
+
+def describe_data(data: Path) -> str:
+    """Which copy of Stanford Cars a campaign used, from one training photo's size: the 128x96 thumbnails,
+    or the full-resolution crops (each photo cropped to its car, at most 384 px a side)."""
+    try:
+        from PIL import Image
+        import data as datasets  # the layout train.py itself finds in that folder
+        with Image.open(datasets.find_dataset(data).train[0].path) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - a description only; train.py reports a bad folder itself
+        return "copy unknown"
+    if (w, h) == (128, 96):
+        return THUMBNAILS
+    return "full-resolution crops (each photo cropped to its car)" if max(w, h) > 128 else f"{w}x{h} photos"
+
+
 def label(args: argparse.Namespace) -> str:
     fast = args.fast_args if args.campaign == "recipes" else ""
     budget = f"{args.epochs} epochs at {args.img_size} px" + (f" (fast runs: `{fast}`)" if fast else "")
-    return (f"held-out part of the official train split, 128x96 copy, {budget}: "
-            f"not comparable to the study's {STUDY_BEST} on full-size images")
+    return (f"held-out part of the official train split, {describe_data(args.data)}, {budget}: "
+            f"not comparable to the study's {STUDY_BEST} at 227 px after its full training")
 
 
 def environment(args: argparse.Namespace) -> dict:
@@ -475,7 +494,7 @@ def write_results(plans: list[Plan], args: argparse.Namespace, env_info: dict) -
     settings = {"epochs": args.epochs, "img_size": args.img_size, "seed": args.seed, "val_split": args.val_split,
                 "patience": args.patience, "milestones": scaled_milestones(args.epochs),
                 "plateau_patience": scale_epochs(REF_PLATEAU_PATIENCE, args.epochs),
-                "data": show_path(args.data), "label": label(args)}
+                "data": show_path(args.data), "data_desc": describe_data(args.data), "label": label(args)}
     write_json({"settings": settings, "environment": env_info, "experiments": rows}, args.out / "results.json")
     ds = next((r["dataset"] for r in rows if r.get("dataset")), None)
     L = [f"# Experiments on the real-photo copy ({args.epochs} epochs, {args.img_size} px)", "",
@@ -571,7 +590,7 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
     settings = {"campaign": "recipes", "epochs": args.epochs, "img_size": args.img_size, "seed": args.seed,
                 "fast_args": args.fast_args,
                 "seeds": args.seeds, "jobs": args.jobs, "milestones": scaled_milestones(args.epochs),
-                "data": show_path(args.data), "label": label(args)}
+                "data": show_path(args.data), "data_desc": describe_data(args.data), "label": label(args)}
     write_json({"settings": settings, "environment": env_info, "summary": summary, "experiments": rows},
                args.out / "results.json")
     st, fa = summary["study"], summary["fast"]
@@ -580,8 +599,11 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
          "",
          f"**{label(args)}.**", "",
          "- each run trains on all of cars_train for exactly the epochs given (no early stopping, no validation "
-         "split: the per-epoch 'val' columns of metrics.csv are cars_test, logged and never used to choose); "
-         "the reported figure is evaluate.py on the final model (`final.pt`, the EMA weights for fast)",
+         "split; " + ("with `--no-validate` nothing is evaluated during training, so metrics.csv's 'val' columns "
+                      "are empty" if all("--no-validate" in r["train_command"] for r in rows) else
+                      "the per-epoch 'val' columns of metrics.csv are cars_test, logged and never used to choose")
+         + "); the reported figure is evaluate.py on the final model (`final.pt`, the EMA weights for fast), "
+         "scored on cars_test once",
          f"- the study's MultiStepLR milestones scaled by round(m * {args.epochs} / {REF_EPOCHS}): "
          f"{' '.join(map(str, scaled_milestones(args.epochs)))}; fast: recipes/fast.yaml"
          + (f" with `{args.fast_args}`" if args.fast_args else "") + ", evaluated with "
@@ -605,8 +627,33 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
         tr = "–" if r.get("final_train_acc") is None else f"{100 * r['final_train_acc']:.1f}"
         L.append(f"| `{r['name']}`{_status(r)} | {args.seed + r['seed_offset']} | {_pct(r.get('test_top1'))} | "
                  f"{_pct(r.get('test_top5'))} | {tr} | {_dur(r.get('train_wall_s'))} | {_sec(r.get('epoch_s_median'))} |")
+    L += _budget_pairs(rows, args.seed)
     L += ["", "## Commands", "", "```"]
     return write_md(L, rows, args.out)
+
+
+BUDGET_TOLERANCE = 0.10  # the fast recipe may train within ±10 % of the study recipe's time (issue #32)
+
+
+def _budget_pairs(rows: list[dict], seed: int) -> list[str]:
+    """Each seed's fast run against its study twin: training wall time (the process, start to exit) and the
+    sum of metrics.csv's per-epoch seconds (the training loop alone), and whether the fast run kept within the
+    budget's ±10 % of the study run's time. Meaningful when the twins ran side by side (--jobs 2)."""
+    runs_by = {(r["step"], r["seed_offset"]): r for r in rows}
+    L = ["", f"Budget: each fast run's training time against its study twin's (allowed: ±{BUDGET_TOLERANCE:.0%}).",
+         "", "| seed | study: wall / epochs' sum | fast: wall / epochs' sum | fast / study (wall) | "
+         "fast / study (epochs' sum) | within |", "|---|---|---|---|---|---|"]
+    for k in sorted({o for _, o in runs_by}):
+        st, fa = runs_by.get(("study", k)), runs_by.get(("fast", k))
+        if not (st and fa and st.get("train_wall_s") and fa.get("train_wall_s")
+                and st.get("epochs_s_sum") and fa.get("epochs_s_sum")):
+            continue
+        wall, loop = fa["train_wall_s"] / st["train_wall_s"], fa["epochs_s_sum"] / st["epochs_s_sum"]
+        ok = all(abs(x - 1) <= BUDGET_TOLERANCE for x in (wall, loop))
+        L.append(f"| {seed + k} | {_dur(st['train_wall_s'])} / {_dur(st['epochs_s_sum'])} | "
+                 f"{_dur(fa['train_wall_s'])} / {_dur(fa['epochs_s_sum'])} | x{wall:.3f} | x{loop:.3f} | "
+                 f"{'yes' if ok else 'NO'} |")
+    return L if len(L) > 5 else []  # a table only when a pair finished
 
 
 def budget_curve(folders: list[Path], out: Path) -> int:
@@ -614,13 +661,14 @@ def budget_curve(folders: list[Path], out: Path) -> int:
     top-1 against training minutes, one point per run, the mean per recipe and length joined. A campaign run
     with --fast-args (the fast runs at another size or length in the study's time) is a series of its own:
     its study runs ran beside those fast runs, maybe on another machine, and are not pooled with the rest."""
-    points, machines = [], []
+    points, machines, copies = [], [], set()
     for d in folders:
         res = read_json(Path(d) / "results.json")
         if not res or res.get("settings", {}).get("campaign") != "recipes":
             print(f"error: {d}: no recipes-campaign results.json; run --campaign recipes --out {d} first",
                   file=sys.stderr)
             return 2
+        copies.add(res["settings"].get("data_desc", THUMBNAILS))  # folders written before it: thumbnails
         env = res.get("environment") or {}  # minutes are only comparable on one machine: say which
         machines.append(f"`{show_path(Path(d))}`: {env.get('cpu', '?')}, {res['settings'].get('jobs', 1)} run(s) "
                         f"at a time, table of {str(env.get('date', '?'))[:10]}")
@@ -638,7 +686,7 @@ def budget_curve(folders: list[Path], out: Path) -> int:
         groups.setdefault((p["fast_args"], p["recipe"], p["epochs"]), []).append(p)
     rows = sorted({(v, e) for v, _, e in groups})  # plain campaigns ("" sorts first), then by length
     L = ["# Budget curve: cars_test top-1 against training time", "",
-         "**Held-out part of the official train split, 128x96 copy; each point trains on all of "
+         f"**Held-out part of the official train split, {' + '.join(sorted(copies))}; each point trains on all of "
          "cars_train and scores the final model.** Where the folders' machines differ, their minutes are not "
          "comparable (the same run's speed differs up to 3x between machines and days). 'epochs' is the "
          "study recipe's length at the campaign's input size; a row with fast flags ran the fast recipe with "
@@ -685,7 +733,7 @@ def budget_curve(folders: list[Path], out: Path) -> int:
                             xytext=(4, 5) if v else (4, -10), fontsize=7, color=colour)  # apart at one length
     ax.set_xlabel("training wall time (minutes; each folder's machine in budget_curve.md)")
     ax.set_ylabel("cars_test top-1 (%)")
-    ax.set_title("GhostNet from scratch on the real 128x96 photos (study: 96 px)")
+    ax.set_title(f"GhostNet from scratch, Stanford Cars {' + '.join(sorted(copies))}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -120,8 +120,8 @@ def test_smoke_run_writes_tables(smoke):
     assert "*.pt" in ignored and "*.png" not in ignored  # checkpoints stay out of git; curves.png is committed
     assert (run / "curves.png").exists() or importlib.util.find_spec("matplotlib") is None
     md = (out / "results.md").read_text()
-    assert "held-out part of the official train split, 128x96 copy, 1 epochs at 32 px: not comparable to the " \
-           "study's 83.79% on full-size images" in md
+    assert "held-out part of the official train split, 96x64 photos, 1 epochs at 32 px: not comparable to the " \
+           "study's 83.79% at 227 px after its full training" in md
     assert "## Ablation ladder" in md and "## Architectures at the best recipe" in md
     row = next(ln for ln in md.splitlines() if ln.startswith("| (d) |"))
     assert "`d_c50_best`" in row and "not run" not in row
@@ -321,6 +321,10 @@ def test_recipes_campaign_side_by_side_and_budget_curve(smoke, tmp_path):
     import statistics
     assert f"| fast | 2 | {statistics.mean(t1):.2f} ± {statistics.stdev(t1):.2f} |" in md
     assert "side by side" in md
+    assert "with `--no-validate` nothing is evaluated during training" in md
+    budget = [ln for ln in md.splitlines() if ln.startswith("| ") and ln.endswith(("| yes |", "| NO |"))]
+    assert len(budget) == 2  # one line per seed: the fast run's time against its study twin's
+    assert res["settings"]["data_desc"] == "96x64 photos"
     assert X.main(["--budget-curve", *map(str, folders), "--out", str(tmp_path)]) == 0
     curve = (tmp_path / "budget_curve.md").read_text()
     assert "| 1 | 2 |" in curve and "| 2 | 1 |" in curve
@@ -428,3 +432,18 @@ def test_gpu_recipes_script_runs_on_cpu_and_bundles_without_checkpoints(smoke, t
             assert f"recipes_32px_1ep_gpu_seed3/{run}/{f}" in names
     assert "recipes_32px_1ep_gpu_seed3/results.md" in names and "recipes_32px_1ep_gpu_seed3/environment.txt" in names
     assert not [n for n in names if n.endswith(".pt")]
+
+
+def test_budget_pairs_say_whether_each_fast_run_kept_within_the_study_twins_time():
+    """The ±10 % budget of the recipes campaign, per seed, on both the process wall time and the training
+    loop's summed epoch seconds: 1.04x passes, 1.11x (the fast recipe's 48 epochs side by side) fails."""
+    rows = [{"step": "study", "seed_offset": 0, "train_wall_s": 1900.0, "epochs_s_sum": 1832.0},
+            {"step": "fast", "seed_offset": 0, "train_wall_s": 1980.0, "epochs_s_sum": 1912.5},
+            {"step": "study", "seed_offset": 1, "train_wall_s": 1900.0, "epochs_s_sum": 1832.0},
+            {"step": "fast", "seed_offset": 1, "train_wall_s": 2110.0, "epochs_s_sum": 2040.0},
+            {"step": "study", "seed_offset": 2, "train_wall_s": 1900.0, "epochs_s_sum": 1832.0}]  # twin unfinished
+    lines = [ln for ln in X._budget_pairs(rows, seed=0) if ln.startswith("| ") and "x" in ln.split("|")[4]]
+    assert len(lines) == 2
+    assert lines[0].startswith("| 0 |") and "x1.044" in lines[0] and lines[0].endswith("| yes |")
+    assert lines[1].startswith("| 1 |") and "x1.114" in lines[1] and lines[1].endswith("| NO |")
+    assert X._budget_pairs(rows[:1], seed=0) == []  # no pair: no table

@@ -1,0 +1,66 @@
+"""benchmarks/model_card.py on a synthetic recipes-campaign folder: accuracy as mean ± sd over seeds, the
+shipped run's own figures, the confused pairs summed over seeds in both directions, and a one-line error
+when a run's confusion.csv is missing."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import model_card as M  # noqa: E402
+
+NAMES = ["Audi A4 2010", "Audi A5 2010", "BMW M3 2012"]
+
+
+def _campaign(root: Path, confusions: list[list[list[int]]]) -> Path:
+    rows = []
+    for k, conf in enumerate(confusions):
+        name = f"fast_s{k}"
+        run = root / name
+        run.mkdir(parents=True)
+        right = sum(conf[i][i] for i in range(3)) / sum(map(sum, conf))
+        rows.append({"name": name, "step": "fast", "test_top1": right, "test_top5": 1.0, "train_wall_s": 600.0})
+        with open(run / "confusion.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted"] + NAMES)
+            for n, r in zip(NAMES, conf):
+                w.writerow([n] + r)
+        cfg = {"run": {"recipe": "fast", "seed": k}, "model": {"arch": "ghostnet", "dropout": 0.1},
+               "train": {"epochs": 45, "batch_size": 64, "lr": 0.005, "wd": 0.05, "scheduler": "cosine",
+                         "ema": 0.999, "label_smoothing": 0.1},
+               "data": {"img_size": [64, 128], "test_crop": 0.8}, "augment": {"augment": ["flip", "resized_crop"]}}
+        (run / "config.json").write_text(json.dumps({
+            "config": cfg, "num_classes": 3, "num_params": 1000,
+            "dataset": {"root": "crops", "layout": "devkit", "train": 30, "val": 0}}))
+        (run / "evaluate_test.json").write_text(json.dumps({
+            "metrics": {"top1": right, "top5": 1.0, "mean_class_acc": right},
+            "efficiency": {"params": 1000, "macs": 2e6, "size_mb_fp32": 0.1}}))
+    (root / "results.json").write_text(json.dumps({
+        "settings": {"campaign": "recipes", "jobs": 2, "data_desc": "full-resolution crops"},
+        "environment": {"cpu": "test cpu", "threads": 1}, "experiments": rows}))
+    return root
+
+
+def test_card_counts_pairs_over_seeds_in_both_directions(tmp_path):
+    seed0 = [[8, 2, 0], [1, 9, 0], [0, 0, 10]]  # A4 <-> A5: 3 mistakes
+    seed1 = [[7, 3, 0], [0, 9, 1], [0, 0, 10]]  # A4 <-> A5: 3, A5 -> M3: 1
+    card = M.model_card(_campaign(tmp_path / "c", [seed0, seed1]), "fast", "fast_s0", top=5)
+    assert "| `--recipe fast`, mean ± sd over seeds | 2 | 88.33 ± 2.36 | 100.00 ± 0.00 |" in card
+    assert "| `fast_s0` (the model shipped; chosen as seed 0 before any result) | 1 | 90.00 | 100.00 |" in card
+    pairs = [ln for ln in card.splitlines() if ln.startswith("| Audi") or ln.startswith("| BMW")]
+    assert pairs == ["| Audi A4 2010 | Audi A5 2010 | 5 | 1 | 6 of 40 (15 %) |",
+                     "| Audi A5 2010 | BMW M3 2012 | 1 | 0 | 1 of 40 (2 %) |"]
+    assert "45 epochs at 128x64 (width x height)" in card and "full-resolution crops" in card
+
+
+def test_missing_confusion_is_a_one_line_error(tmp_path):
+    folder = _campaign(tmp_path / "c", [[[1, 0, 0], [0, 1, 0], [0, 0, 1]]])
+    (folder / "fast_s0" / "confusion.csv").unlink()
+    with pytest.raises(SystemExit, match="confusion.csv is missing"):
+        M.model_card(folder, "fast", "fast_s0")
+    with pytest.raises(SystemExit, match="no evaluated 'fast' runs including fast_s9"):
+        M.model_card(folder, "fast", "fast_s9")
+    with pytest.raises(SystemExit, match="results.json does not exist; pass the folder of a recipes campaign"):
+        M.model_card(tmp_path / "nothing", "fast", "fast_s0")
