@@ -59,10 +59,12 @@ STUDY_BEST = "83.79%"
 GITIGNORE = """\
 # written by benchmarks/experiments.py: checkpoints and per-image outputs stay out of git;
 # config.json, metrics.csv, curves.png, train.log, evaluate_test.json, experiment.json and results.* are kept
+# (TensorBoard's event files repeat metrics.csv)
 *.pt
 *.tmp*
 predictions.csv
 confusion.csv
+events.out.tfevents.*
 """
 
 
