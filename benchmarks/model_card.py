@@ -45,6 +45,21 @@ def confused_pairs(matrices: list[list[list[int]]], names: list[str], top: int) 
     return sorted(pairs, key=lambda p: (-p["mistakes"], p["a"], p["b"]))[:top]
 
 
+def same_make_share(matrices: list[list[list[int]]], names: list[str]) -> float:
+    """Of all wrong answers, the share naming a car of the same make (the class names' first word: "Audi",
+    "Aston" for Aston Martin), summed over the matrices."""
+    make = [n.split()[0] for n in names]
+    k = len(names)
+    wrong = same = 0
+    for m in matrices:
+        for i in range(k):
+            for j in range(k):
+                if i != j:
+                    wrong += m[i][j]
+                    same += m[i][j] if make[i] == make[j] else 0
+    return same / wrong if wrong else 0.0
+
+
 def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
@@ -88,7 +103,8 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10) -> str:
          f"AdamW lr {opts['lr']:g}, weight decay {opts['wd']:g}, {opts['scheduler']} schedule, EMA {opts.get('ema')}, "
          f"label smoothing {opts.get('label_smoothing')}, dropout {opts.get('dropout')}, augmentation "
          f"{' + '.join(opts.get('augment') or [])}; evaluated on the central {opts.get('test_crop')} of each side",
-         f"- time: {statistics.mean(minutes):.0f} min of training per run ({env.get('cpu', '?')}, "
+         f"- time: {statistics.mean(minutes):.0f} min of training per run, the study recipe's time for "
+         f"{res['settings'].get('epochs')} epochs at {res['settings'].get('img_size')} px beside it ({env.get('cpu', '?')}, "
          f"{env.get('threads', '?')} thread(s) per run, {res['settings'].get('jobs', 1)} runs side by side)",
          f"- model: {opts['arch']}, {eff.get('params', cfg['num_params']):,} "
          f"parameters, {eff.get('macs', 0) / 1e6:.0f} M multiply-adds per photo, "
@@ -110,8 +126,9 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10) -> str:
           "- It was trained on photos cropped to the car; a wide scene with a small car in it is read worse. "
           "Crop to the car first.",
           f"- At {statistics.mean(t1):.0f} % top-1 the first answer is often wrong; the top 5 hold the right model "
-          f"{statistics.mean(t5):.0f} % of the time, which is why the app shows five. Related models of one make "
-          "(the table above) are where most mistakes go.",
+          f"{statistics.mean(t5):.0f} % of the time, which is why the app shows five. "
+          f"{100 * same_make_share(matrices, names):.0f} % of its wrong answers name another model of the same make "
+          "(body styles and years of one model, badge twins such as Chevrolet and GMC vans count as different).",
           "- Its accuracy was measured on the photos of one dataset; photos from another camera, light or angle "
           "may do worse, and that was not measured."]
     return "\n".join(L) + "\n"

@@ -38,7 +38,8 @@ def _campaign(root: Path, confusions: list[list[list[int]]]) -> Path:
             "metrics": {"top1": right, "top5": 1.0, "mean_class_acc": right},
             "efficiency": {"params": 1000, "macs": 2e6, "size_mb_fp32": 0.1}}))
     (root / "results.json").write_text(json.dumps({
-        "settings": {"campaign": "recipes", "jobs": 2, "data_desc": "full-resolution crops"},
+        "settings": {"campaign": "recipes", "jobs": 2, "epochs": 40, "img_size": 96,
+                     "data_desc": "full-resolution crops"},
         "environment": {"cpu": "test cpu", "threads": 1}, "experiments": rows}))
     return root
 
@@ -53,6 +54,9 @@ def test_card_counts_pairs_over_seeds_in_both_directions(tmp_path):
     assert pairs == ["| Audi A4 2010 | Audi A5 2010 | 5 | 1 | 6 of 40 (15 %) |",
                      "| Audi A5 2010 | BMW M3 2012 | 1 | 0 | 1 of 40 (2 %) |"]
     assert "45 epochs at 128x64 (width x height)" in card and "full-resolution crops" in card
+    assert "the study recipe's time for 40 epochs at 96 px beside it" in card
+    # wrong answers: A4->A5 5, A5->A4 1 (same make), A5->M3 1 (another make): 6 of 7
+    assert "86 % of its wrong answers name another model of the same make" in card
 
 
 def test_missing_confusion_is_a_one_line_error(tmp_path):
