@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -59,12 +60,10 @@ STUDY_BEST = "83.79%"
 GITIGNORE = """\
 # written by benchmarks/experiments.py: checkpoints and per-image outputs stay out of git;
 # config.json, metrics.csv, curves.png, train.log, evaluate_test.json, experiment.json and results.* are kept
-# (TensorBoard's event files repeat metrics.csv)
 *.pt
 *.tmp*
 predictions.csv
 confusion.csv
-events.out.tfevents.*
 """
 
 
@@ -450,6 +449,7 @@ def _status(r: dict) -> str:
 THUMBNAILS = "128x96 copy"  # what the folders written before the crops existed trained on
 
 
+@functools.lru_cache(maxsize=None)
 def describe_data(data: Path) -> str:
     """Which copy of Stanford Cars a campaign used, from one training photo's size: the 128x96 thumbnails,
     or the full-resolution crops (each photo cropped to its car, at most 384 px a side)."""
@@ -596,13 +596,16 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
     write_json({"settings": settings, "environment": env_info, "summary": summary, "experiments": rows},
                args.out / "results.json")
     st, fa = summary["study"], summary["fast"]
+    # what the runs recorded, not what today's commands would pass: older campaigns validated on cars_test
+    trained = [read_options(p.run_dir) for p in plans if (p.run_dir / "config.json").exists()]
+    blind = bool(trained) and all(o.get("validate") is False for o in trained)
     fast_budget = f"; fast: `{args.fast_args}`" if args.fast_args else ""
     L = [f"# The study's recipe against --recipe fast (study: {args.epochs} epochs at {args.img_size} px{fast_budget})",
          "",
          f"**{label(args)}.**", "",
          "- each run trains on all of cars_train for exactly the epochs given (no early stopping, no validation "
          "split; " + ("with `--no-validate` nothing is evaluated during training, so metrics.csv's 'val' columns "
-                      "are empty" if all("--no-validate" in r["train_command"] for r in rows) else
+                      "are empty" if blind else
                       "the per-epoch 'val' columns of metrics.csv are cars_test, logged and never used to choose")
          + "); the reported figure is evaluate.py on the final model (`final.pt`, the EMA weights for fast), "
          "scored on cars_test once",

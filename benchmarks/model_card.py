@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _shown(p: Path) -> str:
-    """A path as the repository's commands write it (relative to the repository where it lies inside)."""
-    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+import experiments as X  # the campaign's own readers: options of a run folder, mean ± sd, paths as shown
+from images import ImageSize  # noqa: E402  (experiments.py puts the repository on sys.path)
 
 
 def read_confusion(path: Path) -> tuple[list[str], list[list[int]]]:
@@ -60,11 +57,11 @@ def same_make_share(matrices: list[list[list[int]]], names: list[str]) -> float:
     return same / wrong if wrong else 0.0
 
 
-def _mean_sd(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path | None = None) -> str:
+    """The card as markdown; its links are relative to `out` (the file it will be written to)."""
+    def link(p: Path) -> str:
+        return os.path.relpath(p, (out or Path.cwd() / "card.md").resolve().parent)
 
-
-def model_card(folder: Path, recipe: str, shipped: str, top: int = 10) -> str:
     if not (folder / "results.json").exists():
         raise SystemExit(f"error: {folder / 'results.json'} does not exist; pass the folder of a recipes campaign "
                          f"(benchmarks/experiments.py --campaign recipes --out FOLDER)")
@@ -74,7 +71,7 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10) -> str:
         raise SystemExit(f"error: {folder}: no evaluated '{recipe}' runs including {shipped}; finish the campaign "
                          f"first (its command is in {folder / 'results.md'})")
     cfg = json.loads((folder / shipped / "config.json").read_text())
-    opts = {k: v for section in cfg["config"].values() for k, v in section.items()}  # run/model/train/data/augment
+    opts = X.read_options(folder / shipped)  # flat, of this code's config.json schema or an older one
     ev = json.loads((folder / shipped / "evaluate_test.json").read_text())
     eff, me = ev.get("efficiency") or {}, ev["metrics"]
     matrices, names = [], []
@@ -85,34 +82,41 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10) -> str:
                              f"evaluate the run's final.pt again with evaluate.py")
         names, m = read_confusion(p)
         matrices.append(m)
-    t1, t5 = [100 * r["test_top1"] for r in runs], [100 * r["test_top5"] for r in runs]
-    minutes = [r["train_wall_s"] / 60 for r in runs if r.get("train_wall_s")]
-    env = res.get("environment") or {}
+    summary = X.recipe_summary(res["experiments"])[recipe]
+    t1, t5, minutes = summary["top1"], summary["top5"], summary["train_min"]
+    env, settings = res.get("environment") or {}, res["settings"]
     shipped_row = next(r for r in runs if r["name"] == shipped)
+    jobs = settings.get("jobs", 1)
+    side = f"{jobs} runs side by side" if jobs > 1 else "one run at a time"
+    held_out = (f"{cfg['dataset'].get('val', 0)} held out for validation" if opts.get("val_split") else
+                "nothing held out for validation")
+    during = "nothing evaluated during training" if opts.get("validate") is False else \
+        "the held-out photos scored after each epoch"
+    size = ImageSize.of(opts["img_size"]).text
+    minutes_text = f"{statistics.mean(minutes):.0f} min" if minutes else "unrecorded time"
     L = [f"# Model card: GhostNet car-model classifier (`--recipe {recipe}`, `{shipped}`)", "",
-         "Names the car model (make, model, year: the 196 classes of Stanford Cars) in a photo of one car, "
-         "cropped to it. Trained from scratch, no pre-training. The web app (`serve.py`) and the phone page "
-         f"use this model. Made by `python benchmarks/model_card.py {_shown(folder)} --recipe {recipe} "
-         f"--shipped {shipped}` from the campaign [{folder.name}/results.md](../{_shown(folder)}/results.md).",
+         f"Names the car model (make, model, year: the {cfg['num_classes']} classes of Stanford Cars) in a photo "
+         "of one car, cropped to it. Trained from scratch, no pre-training. Made by "
+         f"`python benchmarks/model_card.py {X.show_path(folder)} --recipe {recipe} --shipped {shipped}` from the "
+         f"campaign [{folder.name}/results.md]({link(folder / 'results.md')}).",
          "", "## Training", "",
-         f"- data: `{cfg['dataset']['root']}` ({res['settings'].get('data_desc', '?')}), layout "
-         f"{cfg['dataset']['layout']}: all {cfg['dataset']['train']} photos of cars_train, {cfg['num_classes']} "
-         f"classes; nothing held out for validation and nothing evaluated during training",
-         f"- recipe: `{opts.get('recipe')}` ([docs/recipes.md](recipes.md)), {opts['epochs']} epochs at "
-         f"{opts['img_size'][1]}x{opts['img_size'][0]} (width x height), batch {opts['batch_size']}, "
-         f"AdamW lr {opts['lr']:g}, weight decay {opts['wd']:g}, {opts['scheduler']} schedule, EMA {opts.get('ema')}, "
-         f"label smoothing {opts.get('label_smoothing')}, dropout {opts.get('dropout')}, augmentation "
-         f"{' + '.join(opts.get('augment') or [])}; evaluated on the central {opts.get('test_crop')} of each side",
-         f"- time: {statistics.mean(minutes):.0f} min of training per run, the study recipe's time for "
-         f"{res['settings'].get('epochs')} epochs at {res['settings'].get('img_size')} px beside it ({env.get('cpu', '?')}, "
-         f"{env.get('threads', '?')} thread(s) per run, {res['settings'].get('jobs', 1)} runs side by side)",
-         f"- model: {opts['arch']}, {eff.get('params', cfg['num_params']):,} "
-         f"parameters, {eff.get('macs', 0) / 1e6:.0f} M multiply-adds per photo, "
-         f"{eff.get('size_mb_fp32', 0):.1f} MB in fp32",
-         "", "## Accuracy on cars_test (1,798 photos, looked at once per run)", "",
+         f"- data: `{cfg['dataset']['root']}` ({settings.get('data_desc', '?')}), layout "
+         f"{cfg['dataset']['layout']}: {cfg['dataset']['train']} photos of cars_train, {held_out}; {during}",
+         f"- recipe: `{opts.get('recipe')}` ([docs/recipes.md]({link(X.REPO / 'docs' / 'recipes.md')})), "
+         f"{opts['epochs']} epochs at {size} (width x height), batch {opts['batch_size']}, "
+         f"{opts['optimizer']} lr {opts['lr']:g}, weight decay {opts['wd']:g}, {opts['scheduler']} schedule, "
+         f"EMA {opts.get('ema')}, label smoothing {opts.get('label_smoothing')}, dropout {opts.get('dropout')}, "
+         f"augmentation {' + '.join(opts.get('augment') or [])}; evaluated on the central "
+         f"{opts.get('test_crop', 1)} of each side",
+         f"- time: {minutes_text} of training per run ({env.get('cpu', '?')}, {env.get('threads', '?')} "
+         f"thread(s) per run, {side}); the campaign's budget: the study recipe's {settings.get('epochs')} epochs "
+         f"at {settings.get('img_size')} px",
+         f"- model: {opts['arch']}, {eff.get('params', cfg['num_params']):,} parameters, "
+         f"{eff.get('macs', 0) / 1e6:.0f} M multiply-adds per photo, {eff.get('size_mb_fp32', 0):.1f} MB in fp32",
+         "", f"## Accuracy on cars_test ({me.get('images', '?'):,} photos, scored once per run)", "",
          "| | runs | top-1 % | top-5 % |", "|---|---|---|---|",
-         f"| `--recipe {recipe}`, mean ± sd over seeds | {len(runs)} | {_mean_sd(t1)} | {_mean_sd(t5)} |",
-         f"| `{shipped}` (the model shipped; chosen as seed 0 before any result) | 1 | "
+         f"| `--recipe {recipe}`, mean ± sd over seeds | {len(runs)} | {X._mean_sd(t1)} | {X._mean_sd(t5)} |",
+         f"| `{shipped}` (seed {opts.get('seed')}), the model this card describes | 1 | "
          f"{100 * shipped_row['test_top1']:.2f} | {100 * shipped_row['test_top5']:.2f} |",
          "", f"Mean accuracy per class of `{shipped}`: {100 * me.get('mean_class_acc', 0):.2f} %.",
          "", f"## The pairs it confuses most (over the {len(runs)} seeds, both directions)", "",
@@ -121,7 +125,7 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10) -> str:
         L.append(f"| {p['a']} | {p['b']} | {p['a_as_b']} | {p['b_as_a']} | "
                  f"{p['mistakes']} of {p['support']} ({100 * p['mistakes'] / max(p['support'], 1):.0f} %) |")
     L += ["", "## Limits", "",
-          "- It knows only the 196 models of Stanford Cars (mostly 2000-2012 cars sold in the US); any other car "
+          f"- It knows only the {cfg['num_classes']} models of Stanford Cars (mostly 2000-2012 cars sold in the US); any other car "
           "is named as the closest of those, with a probability that can still be high.",
           "- It was trained on photos cropped to the car; a wide scene with a small car in it is read worse. "
           "Crop to the car first.",
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=10, help="how many confused pairs to list")
     ap.add_argument("--out", type=Path, default=None, help="write the card here (default: print it)")
     args = ap.parse_args(argv)
-    card = model_card(args.folder.resolve(), args.recipe, args.shipped or f"{args.recipe}_s0", args.top)
+    card = model_card(args.folder.resolve(), args.recipe, args.shipped or f"{args.recipe}_s0", args.top,
+                      args.out.resolve() if args.out else None)
     if args.out:
         args.out.write_text(card)
         print(f"wrote {args.out}")

@@ -447,3 +447,13 @@ def test_budget_pairs_say_whether_each_fast_run_kept_within_the_study_twins_time
     assert lines[0].startswith("| 0 |") and "x1.044" in lines[0] and lines[0].endswith("| yes |")
     assert lines[1].startswith("| 1 |") and "x1.114" in lines[1] and lines[1].endswith("| NO |")
     assert X._budget_pairs(rows[:1], seed=0) == []  # no pair: no table
+
+
+def test_describe_data_tells_the_thumbnails_from_the_crops(real_data):
+    """Campaign tables name the copy they trained on, measured from a training photo: before this, every
+    table said "128x96 copy", the crops' campaign too."""
+    crops = real_data.parent / "crops"
+    assert X.describe_data(real_data) == "128x96 copy"
+    if (crops / "stanford_cars" / "devkit").exists():
+        assert X.describe_data(crops).startswith("full-resolution crops")
+    assert X.describe_data(real_data / "nothing_here") == "copy unknown"

@@ -14,28 +14,29 @@ import model_card as M  # noqa: E402
 NAMES = ["Audi A4 2010", "Audi A5 2010", "BMW M3 2012"]
 
 
-def _campaign(root: Path, confusions: list[list[list[int]]]) -> Path:
+def _campaign(root: Path, confusions: list[list[list[int]]], step: str = "fast") -> Path:
     rows = []
     for k, conf in enumerate(confusions):
-        name = f"fast_s{k}"
+        name = f"{step}_s{k}"
         run = root / name
         run.mkdir(parents=True)
         right = sum(conf[i][i] for i in range(3)) / sum(map(sum, conf))
-        rows.append({"name": name, "step": "fast", "test_top1": right, "test_top5": 1.0, "train_wall_s": 600.0})
+        rows.append({"name": name, "step": step, "test_top1": right, "test_top5": 1.0, "train_wall_s": 600.0})
         with open(run / "confusion.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["true \\ predicted"] + NAMES)
             for n, r in zip(NAMES, conf):
                 w.writerow([n] + r)
-        cfg = {"run": {"recipe": "fast", "seed": k}, "model": {"arch": "ghostnet", "dropout": 0.1},
+        cfg = {"run": {"recipe": step, "seed": k}, "model": {"arch": "ghostnet", "dropout": 0.1},
                "train": {"epochs": 45, "batch_size": 64, "lr": 0.005, "wd": 0.05, "scheduler": "cosine",
                          "ema": 0.999, "label_smoothing": 0.1},
-               "data": {"img_size": [64, 128], "test_crop": 0.8}, "augment": {"augment": ["flip", "resized_crop"]}}
+               "data": {"img_size": [64, 128] if step == "fast" else 96, "test_crop": 0.8, "validate": False},
+               "augment": {"augment": ["flip", "resized_crop"]}}
         (run / "config.json").write_text(json.dumps({
             "config": cfg, "num_classes": 3, "num_params": 1000,
             "dataset": {"root": "crops", "layout": "devkit", "train": 30, "val": 0}}))
         (run / "evaluate_test.json").write_text(json.dumps({
-            "metrics": {"top1": right, "top5": 1.0, "mean_class_acc": right},
+            "metrics": {"top1": right, "top5": 1.0, "mean_class_acc": right, "images": sum(map(sum, conf))},
             "efficiency": {"params": 1000, "macs": 2e6, "size_mb_fp32": 0.1}}))
     (root / "results.json").write_text(json.dumps({
         "settings": {"campaign": "recipes", "jobs": 2, "epochs": 40, "img_size": 96,
@@ -49,12 +50,14 @@ def test_card_counts_pairs_over_seeds_in_both_directions(tmp_path):
     seed1 = [[7, 3, 0], [0, 9, 1], [0, 0, 10]]  # A4 <-> A5: 3, A5 -> M3: 1
     card = M.model_card(_campaign(tmp_path / "c", [seed0, seed1]), "fast", "fast_s0", top=5)
     assert "| `--recipe fast`, mean ± sd over seeds | 2 | 88.33 ± 2.36 | 100.00 ± 0.00 |" in card
-    assert "| `fast_s0` (the model shipped; chosen as seed 0 before any result) | 1 | 90.00 | 100.00 |" in card
+    assert "| `fast_s0` (seed 0), the model this card describes | 1 | 90.00 | 100.00 |" in card
+    assert "## Accuracy on cars_test (30 photos, scored once per run)" in card
+    assert "nothing held out for validation; nothing evaluated during training" in card
     pairs = [ln for ln in card.splitlines() if ln.startswith("| Audi") or ln.startswith("| BMW")]
     assert pairs == ["| Audi A4 2010 | Audi A5 2010 | 5 | 1 | 6 of 40 (15 %) |",
                      "| Audi A5 2010 | BMW M3 2012 | 1 | 0 | 1 of 40 (2 %) |"]
     assert "45 epochs at 128x64 (width x height)" in card and "full-resolution crops" in card
-    assert "the study recipe's time for 40 epochs at 96 px beside it" in card
+    assert "2 runs side by side); the campaign's budget: the study recipe's 40 epochs at 96 px" in card
     # wrong answers: A4->A5 5, A5->A4 1 (same make), A5->M3 1 (another make): 6 of 7
     assert "86 % of its wrong answers name another model of the same make" in card
 
@@ -68,3 +71,11 @@ def test_missing_confusion_is_a_one_line_error(tmp_path):
         M.model_card(folder, "fast", "fast_s9")
     with pytest.raises(SystemExit, match="results.json does not exist; pass the folder of a recipes campaign"):
         M.model_card(tmp_path / "nothing", "fast", "fast_s0")
+
+
+def test_card_of_a_square_run_and_links_relative_to_the_card(tmp_path):
+    """The study recipe's runs record a square size as one number; links are written from where the card goes."""
+    folder = _campaign(tmp_path / "c", [[[1, 0, 0], [0, 1, 0], [0, 0, 1]]], step="study")
+    card = M.model_card(folder, "study", "study_s0", out=tmp_path / "docs" / "card.md")
+    assert "45 epochs at 96x96 (width x height)" in card
+    assert "[c/results.md](../c/results.md)" in card and "one run at a time" not in card
