@@ -57,6 +57,12 @@ def same_make_share(matrices: list[list[list[int]]], names: list[str]) -> float:
     return same / wrong if wrong else 0.0
 
 
+def _years(names: list[str]) -> str:
+    """The span of model years in the class names ("Audi 100 Sedan 1994" -> 1994)."""
+    years = [int(n.split()[-1]) for n in names if n.split() and n.split()[-1].isdigit()]
+    return f"{min(years)}-{max(years)}" if years else "unknown"
+
+
 def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path | None = None) -> str:
     """The card as markdown; its links are relative to `out` (the file it will be written to)."""
     def link(p: Path) -> str:
@@ -100,7 +106,7 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path
          f"`python benchmarks/model_card.py {X.show_path(folder)} --recipe {recipe} --shipped {shipped}` from the "
          f"campaign [{folder.name}/results.md]({link(folder / 'results.md')}).",
          "", "## Training", "",
-         f"- data: `{cfg['dataset']['root']}` ({settings.get('data_desc', '?')}), layout "
+         f"- data: `{cfg['dataset']['root']}`, {settings.get('data_desc', 'copy unrecorded')}, layout "
          f"{cfg['dataset']['layout']}: {cfg['dataset']['train']} photos of cars_train, {held_out}; {during}",
          f"- recipe: `{opts.get('recipe')}` ([docs/recipes.md]({link(X.REPO / 'docs' / 'recipes.md')})), "
          f"{opts['epochs']} epochs at {size} (width x height), batch {opts['batch_size']}, "
@@ -125,10 +131,10 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path
         L.append(f"| {p['a']} | {p['b']} | {p['a_as_b']} | {p['b_as_a']} | "
                  f"{p['mistakes']} of {p['support']} ({100 * p['mistakes'] / max(p['support'], 1):.0f} %) |")
     L += ["", "## Limits", "",
-          f"- It knows only the {cfg['num_classes']} models of Stanford Cars (mostly 2000-2012 cars sold in the US); any other car "
-          "is named as the closest of those, with a probability that can still be high.",
-          "- It was trained on photos cropped to the car; a wide scene with a small car in it is read worse. "
-          "Crop to the car first.",
+          f"- It knows only the {cfg['num_classes']} models of Stanford Cars (model years {_years(names)}); any "
+          "other car is named as one of those, with a probability that can still be high.",
+          "- It was trained and scored on photos cropped to the car; how it reads a wide scene with a small car "
+          "in it was not measured. Crop to the car first.",
           f"- At {statistics.mean(t1):.0f} % top-1 the first answer is often wrong; the top 5 hold the right model "
           f"{statistics.mean(t5):.0f} % of the time, which is why the app shows five. "
           f"{100 * same_make_share(matrices, names):.0f} % of its wrong answers name another model of the same make "

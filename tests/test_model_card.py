@@ -60,6 +60,7 @@ def test_card_counts_pairs_over_seeds_in_both_directions(tmp_path):
     assert "2 runs side by side); the campaign's budget: the study recipe's 40 epochs at 96 px" in card
     # wrong answers: A4->A5 5, A5->A4 1 (same make), A5->M3 1 (another make): 6 of 7
     assert "86 % of its wrong answers name another model of the same make" in card
+    assert "the 3 models of Stanford Cars (model years 2010-2012)" in card
 
 
 def test_missing_confusion_is_a_one_line_error(tmp_path):
