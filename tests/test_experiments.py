@@ -261,7 +261,8 @@ def test_recipes_campaign_fast_args_reach_the_fast_runs_only():
     cfg = __import__("config").from_command_line(fast[2:]).cfg
     assert cfg.data.img_size == [96, 128] and cfg.train.epochs == 34
     import argparse
-    campaign = argparse.Namespace(campaign="recipes", epochs=40, img_size=96, fast_args="--img-size 128x96 --epochs 34")
+    campaign = argparse.Namespace(campaign="recipes", epochs=40, img_size=96, fast_args="--img-size 128x96 --epochs 34",
+                                  data=Path("no_such_folder"))
     assert "40 epochs at 96 px (fast runs: `--img-size 128x96 --epochs 34`)" in X.label(campaign)
 
 
