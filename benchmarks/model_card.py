@@ -31,30 +31,28 @@ def read_confusion(path: Path) -> tuple[list[str], list[list[int]]]:
     return names, [[int(v) for v in r[1:]] for r in rows[1:]]
 
 
-def confused_pairs(matrices: list[list[list[int]]], names: list[str], top: int) -> list[dict]:
-    """The unordered class pairs with the most mistakes between them, summed over the matrices."""
+def summed(matrices: list[list[list[int]]]) -> list[list[int]]:
+    """The seeds' confusion matrices added up, cell by cell."""
+    return [[sum(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
+
+
+def confused_pairs(total: list[list[int]], names: list[str], top: int) -> list[dict]:
+    """The unordered class pairs with the most mistakes between them in a (summed) confusion matrix."""
     k = len(names)
-    total = [[sum(m[i][j] for m in matrices) for j in range(k)] for i in range(k)]
-    support = [sum(total[i]) for i in range(k)]
+    support = [sum(row) for row in total]
     pairs = [{"a": names[i], "b": names[j], "a_as_b": total[i][j], "b_as_a": total[j][i],
               "mistakes": total[i][j] + total[j][i], "support": support[i] + support[j]}
              for i in range(k) for j in range(i + 1, k) if total[i][j] + total[j][i] > 0]
     return sorted(pairs, key=lambda p: (-p["mistakes"], p["a"], p["b"]))[:top]
 
 
-def same_make_share(matrices: list[list[list[int]]], names: list[str]) -> float:
-    """Of all wrong answers, the share naming a car of the same make (the class names' first word: "Audi",
-    "Aston" for Aston Martin), summed over the matrices."""
+def same_make_share(total: list[list[int]], names: list[str]) -> float:
+    """Of all wrong answers in a (summed) confusion matrix, the share naming a car of the same make (the class
+    names' first word: "Audi", "Aston" for Aston Martin)."""
     make = [n.split()[0] for n in names]
-    k = len(names)
-    wrong = same = 0
-    for m in matrices:
-        for i in range(k):
-            for j in range(k):
-                if i != j:
-                    wrong += m[i][j]
-                    same += m[i][j] if make[i] == make[j] else 0
-    return same / wrong if wrong else 0.0
+    wrong = [(i, j, n) for i, row in enumerate(total) for j, n in enumerate(row) if i != j]
+    all_wrong = sum(n for _, _, n in wrong)
+    return sum(n for i, j, n in wrong if make[i] == make[j]) / all_wrong if all_wrong else 0.0
 
 
 def _years(names: list[str]) -> str:
@@ -127,7 +125,8 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path
          "", f"Mean accuracy per class of `{shipped}`: {100 * me.get('mean_class_acc', 0):.2f} %.",
          "", f"## The pairs it confuses most (over the {len(runs)} seeds, both directions)", "",
          "| car A | car B | A taken for B | B taken for A | of their photos (all seeds) |", "|---|---|---|---|---|"]
-    for p in confused_pairs(matrices, names, top):
+    total = summed(matrices)
+    for p in confused_pairs(total, names, top):
         L.append(f"| {p['a']} | {p['b']} | {p['a_as_b']} | {p['b_as_a']} | "
                  f"{p['mistakes']} of {p['support']} ({100 * p['mistakes'] / max(p['support'], 1):.0f} %) |")
     L += ["", "## Limits", "",
@@ -137,7 +136,7 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path
           "in it was not measured. Crop to the car first.",
           f"- At {statistics.mean(t1):.0f} % top-1 the first answer is often wrong; the top 5 hold the right model "
           f"{statistics.mean(t5):.0f} % of the time, which is why the app shows five. "
-          f"{100 * same_make_share(matrices, names):.0f} % of its wrong answers name another model of the same make "
+          f"{100 * same_make_share(total, names):.0f} % of its wrong answers name another model of the same make "
           "(body styles and years of one model, badge twins such as Chevrolet and GMC vans count as different).",
           "- Its accuracy was measured on the photos of one dataset; photos from another camera, light or angle "
           "may do worse, and that was not measured."]
