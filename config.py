@@ -382,7 +382,13 @@ _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,20
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, width=110)
+    """The configuration as a recipe file is written: it loads back as --config. A non-square img_size is
+    written WIDTHxHEIGHT, as --img-size and the recipes take it, not as JSON's [height, width]."""
+    sections = cfg.to_dict()
+    data = sections[SECTION_OF["img_size"]]
+    size = ImageSize.of(data["img_size"])
+    data["img_size"] = size.json() if size.square else size.text
+    return yaml.dump(sections, Dumper=_Dumper, sort_keys=False, width=110)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -48,11 +48,16 @@ def test_order_defaults_recipe_demo_files_flags(tmp_path):
 
 def test_print_config_prints_the_resolved_yaml():
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--recipe", "fast", "--lr", "0.01",
-                           "--print-config"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+                           "--img-size", "160x80", "--print-config"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     assert printed["train"]["lr"] == 0.01 and printed["train"]["scheduler"] == "cosine"
-    assert C.from_saved(printed, "printed").to_dict() == printed
+    # WIDTHxHEIGHT as --img-size and the recipe files take it; it printed JSON's [80, 160] before (height first)
+    assert printed["data"]["img_size"] == "160x80"
+    loaded = C.from_saved(printed, "printed").to_dict()  # what --config of the printed file would give
+    assert loaded["data"]["img_size"] == [80, 160]
+    assert {**loaded, "data": {**loaded["data"], "img_size": "160x80"}} == printed
 
 
 @pytest.mark.parametrize("text, words", [

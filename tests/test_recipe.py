@@ -140,8 +140,8 @@ def test_recipe_presets_and_explicit_flags():
     for k, v in FAST.items():
         assert getattr(fast, k) == (0.01 if k == "lr" else v), k
     assert explicit == {"recipe", "lr"}
-    assert (fast.img_size, fast.epochs) == ([64, 128], 45)  # the budget's shape and length (docs/recipes_crops.md)
-    assert parse(["--recipe", "fast", "--img-size", "96"])[0].img_size == 96  # the user's input size still wins
+    assert (fast.img_size, fast.epochs) == (96, 42)  # the budget's shape and length (docs/recipes_crops.md)
+    assert parse(["--recipe", "fast", "--img-size", "128x64"])[0].img_size == [64, 128]  # the user's size still wins
     demo, _ = parse(["--recipe", "fast", "--demo"])
     assert demo.img_size == DEMO["img_size"] and demo.ema == FAST["ema"]
 
