@@ -2,8 +2,9 @@
 # The crops search (docs/recipes_crops.md): validation runs of --recipe fast, two at a time with one thread each
 # (never beside other torch work), each run folder under benchmarks/results/crops_search/.
 #   bash benchmarks/results/crops_search/sweep.sh NAME "TRAIN ARGS" NAME2 "TRAIN ARGS 2"
-# A run with final.pt is skipped; one with last.pt only is resumed. The runs name fast recipe version 3 values
-# by --recipe fast: replay one exactly with `python train.py --config <run>/config.json`.
+# A run with final.pt is skipped; one with last.pt only is resumed. The runs meant fast recipe version 3 by
+# --recipe fast (fast128_45ep_* and fast96_42ep_*: version 5, shape and length given): replay one exactly with
+# `python train.py --config <run>/config.json`.
 set -u
 cd "$(dirname "$0")/../../.."
 OUT=benchmarks/results/crops_search
