@@ -471,6 +471,16 @@ def _read_cache(cache_dir: Path, name: str, n_records: int) -> tuple[np.ndarray,
     return arr, meta
 
 
+def _read_back(cache_dir: Path, name: str, n_records: int, wait_s: float) -> tuple[np.ndarray, dict] | None:
+    """The cache just built. Two runs started side by side on the same photos build the same cache at once, and
+    the later build removes the marker before writing its own (so that no stale marker vouches for its array):
+    the earlier one then finds no marker for a moment. Wait for the other build's marker rather than fail."""
+    deadline = time.monotonic() + wait_s
+    while (hit := _read_cache(cache_dir, name, n_records)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return hit
+
+
 def _warn_skipped(skipped: list[tuple[str, str]], n: int, desc: str) -> None:
     if not skipped:
         return
@@ -499,8 +509,10 @@ def decode_cached(records: Sequence[Record], prep: Preprocess, cache_dir: str | 
     hit = _read_cache(cache_dir, name, len(records))
     if hit is None:
         _remove_stale_temps(cache_dir, name)
+        built = time.monotonic()
         _build_cache(records, prep, cache_dir, name, lineage, workers, desc)
-        hit = _read_cache(cache_dir, name, len(records))
+        # another build of the same cache started before this one ended, so it ends within about as long
+        hit = _read_back(cache_dir, name, len(records), wait_s=10 + 1.5 * (time.monotonic() - built))
         if hit is None:
             raise DataError(f"cache {cache_dir / name}.npy could not be read back; check free space in {cache_dir}")
         _remove_superseded(cache_dir, name, lineage)

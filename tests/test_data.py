@@ -393,6 +393,30 @@ def test_cache_removes_superseded_and_orphaned_entries(tmp_path, capsys):
     assert names() == [] and not list(cache.glob("*.npy"))
 
 
+def test_two_runs_building_one_cache_at_once_both_read_it(tmp_path, monkeypatch):
+    """Regression (a CI failure of a side-by-side campaign test): run B started building the same cache while
+    run A built it, and B's build removed the marker just after A wrote it; A then failed with "could not be
+    read back". A now waits for B's marker. Simulated: right after A's build, "B" removes the marker and writes
+    it back 0.5 s later."""
+    import threading
+    d = tmp_path / "i"
+    recs = [data.Record(str(d / f"{i}.png"), 0, None) for i in range(4)]
+    for r in recs:
+        _img(r.path, (20, 20), (100, 50, 0))
+    prep, cache = images.Preprocess(img_size=8), tmp_path / "c"
+    real_build = images._build_cache
+
+    def build_then_other_run_rebuilds(records, prep, cache_dir, name, *a, **k):
+        real_build(records, prep, cache_dir, name, *a, **k)
+        marker = cache_dir / f"{name}.json"
+        text = marker.read_text()
+        marker.unlink()  # what the other run's _build_cache does first
+        threading.Timer(0.5, marker.write_text, [text]).start()  # ... and its marker, once its array is in place
+    monkeypatch.setattr(images, "_build_cache", build_then_other_run_rebuilds)
+    out = images.decode_cached(recs, prep, cache)
+    assert len(out.images) == 4
+
+
 def test_half_written_cache_is_rebuilt(tmp_path):
     d = tmp_path / "i"
     recs = [data.Record(str(d / f"{i}.png"), 0, None) for i in range(4)]
