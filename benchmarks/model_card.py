@@ -134,9 +134,12 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path
           "other car is named as one of those, with a probability that can still be high.",
           "- It was trained and scored on photos cropped to the car; how it reads a wide scene with a small car "
           "in it was not measured. Crop to the car first.",
-          f"- At {statistics.mean(t1):.0f} % top-1 the first answer is often wrong; the top 5 hold the right model "
-          f"{statistics.mean(t5):.0f} % of the time, which is why the app shows five. "
-          f"{100 * same_make_share(total, names):.0f} % of its wrong answers name another model of the same make "
+          # the card describes one model, so its own figures come first; the recipe's mean says what a retrain gives
+          f"- At {100 * shipped_row['test_top1']:.0f} % top-1 (the recipe's seeds: {statistics.mean(t1):.0f} % on "
+          f"average) the first answer is often wrong; the top 5 hold the right model "
+          f"{100 * shipped_row['test_top5']:.0f} % of the time ({statistics.mean(t5):.0f} %), which is why the app "
+          f"shows five. {100 * same_make_share(total, names):.0f} % of the wrong answers (all seeds) name another "
+          "model of the same make "
           "(body styles and years of one model, badge twins such as Chevrolet and GMC vans count as different).",
           "- Its accuracy was measured on the photos of one dataset; photos from another camera, light or angle "
           "may do worse, and that was not measured."]

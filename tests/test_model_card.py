@@ -59,7 +59,11 @@ def test_card_counts_pairs_over_seeds_in_both_directions(tmp_path):
     assert "45 epochs at 128x64 (width x height)" in card and "full-resolution crops" in card
     assert "2 runs side by side); the campaign's budget: the study recipe's 40 epochs at 96 px" in card
     # wrong answers: A4->A5 5, A5->A4 1 (same make), A5->M3 1 (another make): 6 of 7
-    assert "86 % of its wrong answers name another model of the same make" in card
+    assert "86 % of the wrong answers (all seeds) name another model of the same make" in card
+    # the Limits line quotes the model the card describes first, the recipe's mean after it (a bug: it quoted
+    # only the mean, 24 %, on a card of a 32 % model)
+    assert "- At 90 % top-1 (the recipe's seeds: 88 % on average)" in card
+    assert "the top 5 hold the right model 100 % of the time (100 %)" in card
     assert "the 3 models of Stanford Cars (model years 2010-2012)" in card
 
 
