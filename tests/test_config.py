@@ -31,7 +31,7 @@ def test_study_yaml_is_the_defaults_and_every_recipe_file_reads():
     assert set(C.recipe_names()) >= {"study", "fast", "demo"}
     fast = C.Config().updated(C.read_file(C.RECIPES_DIR / "fast.yaml"))
     assert (fast.train.scheduler, fast.train.lr, fast.data.test_crop, fast.augment.augment) == \
-        ("cosine", 0.005, 0.8, ["flip", "resized_crop"])
+        ("cosine", 0.0025, 0.8, ["flip", "resized_crop"])
 
 
 def test_order_defaults_recipe_demo_files_flags(tmp_path):
@@ -41,7 +41,7 @@ def test_order_defaults_recipe_demo_files_flags(tmp_path):
     cfg = cl.cfg
     assert cfg.train.ema == 0.999  # the recipe's
     assert cfg.train.batch_size == 16 and cfg.run.demo  # the demo's, over the recipe's
-    assert cfg.train.lr == 0.005 and cfg.data.img_size == [80, 160]  # the file's (YAML's 5e-3 is a string)
+    assert cfg.train.lr == 0.005 and cfg.data.img_size == [80, 160]  # the file's over the recipe's 2.5e-3 (YAML's 5e-3 is a string)
     assert cfg.train.epochs == 3  # the flag's, over the file's
     assert cl.explicit == {"recipe", "demo", "epochs"} and cl.config_files == [str(mine)]
 
