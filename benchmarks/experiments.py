@@ -640,14 +640,29 @@ def write_recipe_results(plans: list[Plan], args: argparse.Namespace, env_info: 
 BUDGET_TOLERANCE = 0.10  # the fast recipe may train within ±10 % of the study recipe's time (issue #32)
 
 
+def side_by_side(a: dict, b: dict) -> bool | None:
+    """Whether two runs trained at the same time (their started-finished spans overlap for at least 90 % of the
+    shorter one), so that their times share the machine's load; None when a span is unrecorded. A campaign
+    resumed with --only, or a run copied from another campaign, pairs a run with something else."""
+    try:
+        (s1, f1), (s2, f2) = [(datetime.datetime.fromisoformat(r["started"]),
+                               datetime.datetime.fromisoformat(r["finished"])) for r in (a, b)]
+    except (KeyError, TypeError, ValueError):
+        return None
+    overlap = (min(f1, f2) - max(s1, s2)).total_seconds()
+    return overlap >= 0.9 * min((f1 - s1).total_seconds(), (f2 - s2).total_seconds())
+
+
 def _budget_pairs(rows: list[dict], seed: int) -> list[str]:
     """Each seed's fast run against its study twin: training wall time (the process, start to exit) and the
     sum of metrics.csv's per-epoch seconds (the training loop alone), and whether the fast run kept within the
-    budget's ±10 % of the study run's time. Meaningful when the twins ran side by side (--jobs 2)."""
+    budget's ±10 % of the study run's time. A budget measurement only where the twins ran side by side (--jobs
+    2): the table says for each pair whether they did."""
     runs_by = {(r["step"], r["seed_offset"]): r for r in rows}
     L = ["", f"Budget: each fast run's training time against its study twin's (allowed: ±{BUDGET_TOLERANCE:.0%}).",
          "", "| seed | study: wall / epochs' sum | fast: wall / epochs' sum | fast / study (wall) | "
-         "fast / study (epochs' sum) | within |", "|---|---|---|---|---|---|"]
+         "fast / study (epochs' sum) | twins side by side | within |", "|---|---|---|---|---|---|---|"]
+    apart = False
     for k in sorted({o for _, o in runs_by}):
         st, fa = runs_by.get(("study", k)), runs_by.get(("fast", k))
         if not (st and fa and st.get("train_wall_s") and fa.get("train_wall_s")
@@ -655,10 +670,17 @@ def _budget_pairs(rows: list[dict], seed: int) -> list[str]:
             continue
         wall, loop = fa["train_wall_s"] / st["train_wall_s"], fa["epochs_s_sum"] / st["epochs_s_sum"]
         ok = all(abs(x - 1) <= BUDGET_TOLERANCE for x in (wall, loop))
+        together = side_by_side(st, fa)
+        apart |= together is not True
         L.append(f"| {seed + k} | {_dur(st['train_wall_s'])} / {_dur(st['epochs_s_sum'])} | "
                  f"{_dur(fa['train_wall_s'])} / {_dur(fa['epochs_s_sum'])} | x{wall:.3f} | x{loop:.3f} | "
-                 f"{'yes' if ok else 'NO'} |")
-    return L if len(L) > 5 else []  # a table only when a pair finished
+                 f"{ {True: 'yes', False: 'no', None: 'unrecorded'}[together]} | {'yes' if ok else 'NO'} |")
+    if len(L) <= 5:
+        return []  # a table only when a pair finished
+    if apart:
+        L += ["", "Where the twins did not run side by side, their ratio compares two different pairings on a "
+                  "machine whose speed varies by day and neighbour: it is not a budget measurement."]
+    return L
 
 
 def budget_curve(folders: list[Path], out: Path) -> int:

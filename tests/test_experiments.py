@@ -448,6 +448,24 @@ def test_budget_pairs_say_whether_each_fast_run_kept_within_the_study_twins_time
     assert lines[0].startswith("| 0 |") and "x1.044" in lines[0] and lines[0].endswith("| yes |")
     assert lines[1].startswith("| 1 |") and "x1.114" in lines[1] and lines[1].endswith("| NO |")
     assert X._budget_pairs(rows[:1], seed=0) == []  # no pair: no table
+    assert "| unrecorded | yes |" in lines[0]  # no start and end times: cannot say whether they shared the load
+    assert any("not a budget measurement" in ln for ln in X._budget_pairs(rows, seed=0))
+
+
+def test_budget_pairs_say_whether_the_twins_ran_side_by_side():
+    """A campaign resumed with --only (or with a study run copied from another campaign) can time a fast run
+    beside another fast run: the table says which pairs shared the machine (a bug: it compared them silently)."""
+    def run(step, k, start, end):
+        return {"step": step, "seed_offset": k, "train_wall_s": 1900.0, "epochs_s_sum": 1832.0,
+                "started": f"2026-12-07T{start}", "finished": f"2026-12-07T{end}"}
+    rows = [run("study", 0, "10:00:00", "10:32:00"), run("fast", 0, "10:00:02", "10:33:10"),  # together
+            run("study", 1, "08:00:00", "08:32:00"), run("fast", 1, "10:40:00", "11:12:00")]  # hours apart
+    table = X._budget_pairs(rows, seed=0)
+    lines = [ln for ln in table if ln.startswith("| 0 |") or ln.startswith("| 1 |")]
+    assert lines[0].endswith("| yes | yes |") and lines[1].endswith("| no | yes |")
+    assert table[-1].startswith("Where the twins did not run side by side")
+    assert X.side_by_side(rows[0], rows[1]) and not X.side_by_side(rows[2], rows[3])
+    assert not any("not a budget measurement" in ln for ln in X._budget_pairs(rows[:2], seed=0))
 
 
 def test_describe_data_tells_the_thumbnails_from_the_crops(real_data):
