@@ -16,6 +16,25 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 
+# Where `pip install .` (not -e) puts the folders beside the scripts: setup.py's data_files, under the
+# install's data root (sys.prefix for a venv or the system, the user base for --user).
+SHARE = Path("share") / "ghostcars"
+
+
+def project_dir(name: str) -> Path:
+    """A folder of the project that is no Python module (recipes/, web/): beside this file in a checkout or an
+    editable install; else under <data root>/share/ghostcars/ where a plain `pip install .` copied it. When
+    neither exists, the checkout's path, so that an error names where the folder belongs."""
+    beside = Path(__file__).resolve().parent
+    if (beside / name).is_dir():
+        return beside / name
+    import site
+    import sysconfig
+    # beside: `pip install --target DIR` puts share/ in DIR itself, next to the modules
+    roots = [beside, Path(sysconfig.get_path("data")), Path(sys.prefix), Path(site.getuserbase())]
+    return next((r / SHARE / name for r in roots if (r / SHARE / name).is_dir()), beside / name)
+
+
 def pick_device(name: str) -> torch.device:
     """--device for every script: 'auto' -> cuda when present, else cpu; ValueError (one line) for a
     name that is no device or a CUDA device torch cannot see."""

@@ -1,7 +1,7 @@
 """The typed configuration of a training run: every option, its default and its help, in one place.
 
     cfg = config.Config()                               # the study's recipe (C-50), the defaults
-    cfg, explicit, meta = config.from_command_line(argv)  # defaults <- --recipe <- --demo <- --config files <- flags
+    cfg = config.from_command_line(argv).cfg            # defaults <- --recipe <- --demo <- --config files <- flags
 
 Five sections of plain data (run, model, train, data, augment); the command line is generated from them
 (every field is a flag of the same name, `--warmup-epochs` for `warmup_epochs`), recipes are YAML files
@@ -22,12 +22,12 @@ from typing import Any
 
 import yaml
 
-from common import UsageError
+from common import UsageError, project_dir
 
 from images import ImageSize
 
 REPO = Path(__file__).resolve().parent
-RECIPES_DIR = REPO / "recipes"
+RECIPES_DIR = project_dir("recipes")  # recipes/ in a checkout; share/ghostcars/recipes after `pip install .`
 AUG_NAMES = ("flip", "affine", "jitter", "rotation", "perspective", "resized_crop")  # augment.py's
 # a replayed config.json is a new run: these name the run, not how it trains
 RUN_IDENTITY = ("name", "resume", "resume_if_exists")

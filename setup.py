@@ -49,6 +49,12 @@ def extension():
     return CppExtension("ghost_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+# The folders the scripts read that are no Python module: a plain `pip install .` copies them to
+# <data root>/share/ghostcars/, where common.project_dir finds them (a checkout or -e install reads them in place).
+# web/node_modules is not copied: `npm install` in that folder fetches onnxruntime-web, as webapp.py says.
+DATA_FILES = [(f"share/ghostcars/{d}", sorted(str(p.relative_to(ROOT)) for p in (ROOT / d).glob(pattern)))
+              for d, pattern in (("recipes", "*.yaml"), ("web", "*.*"))]
+
 # every top-level module the scripts import (a test checks this list against the repository's *.py files)
 PY_MODULES = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "setup")
 
@@ -59,6 +65,7 @@ setup(
     python_requires=">=3.10",
     py_modules=PY_MODULES,
     packages=["ghost_ext"],
+    data_files=DATA_FILES,
     # GHOST_EXT=0: no compiled kernels at all (no compiler needed; ghost_ext then runs its plain-PyTorch fallback)
     ext_modules=[] if os.environ.get("GHOST_EXT", "").strip() == "0" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -19,7 +19,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-WEB = Path(__file__).resolve().parent / "web"
+from common import project_dir
+
+WEB = project_dir("web")  # web/ in a checkout; share/ghostcars/web after `pip install .` (npm install there)
 ORT_DIST = WEB / "node_modules" / "onnxruntime-web" / "dist"
 ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 PAGE_FILES = ("index.html", "app.js")

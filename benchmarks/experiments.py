@@ -468,7 +468,10 @@ def describe_data(data: Path) -> str:
 def label(args: argparse.Namespace) -> str:
     fast = args.fast_args if args.campaign == "recipes" else ""
     budget = f"{args.epochs} epochs at {args.img_size} px" + (f" (fast runs: `{fast}`)" if fast else "")
-    return (f"held-out part of the official train split, {describe_data(args.data)}, {budget}: "
+    # This copy's cars_test is the data README's held-out quarter of the official *train* split, not the
+    # official test set: the header says both names so neither reads as the official test accuracy.
+    return (f"cars_test (a held-out part of the official train split, not the official test set), "
+            f"{describe_data(args.data)}, {budget}: "
             f"not comparable to the study's {STUDY_BEST} at 227 px after its full training")
 
 
@@ -713,7 +716,8 @@ def budget_curve(folders: list[Path], out: Path) -> int:
         groups.setdefault((p["fast_args"], p["recipe"], p["epochs"]), []).append(p)
     rows = sorted({(v, e) for v, _, e in groups})  # plain campaigns ("" sorts first), then by length
     L = ["# Budget curve: cars_test top-1 against training time", "",
-         f"**Held-out part of the official train split, {' + '.join(sorted(copies))}; each point trains on all of "
+         f"**cars_test (a held-out part of the official train split, not the official test set), "
+         f"{' + '.join(sorted(copies))}; each point trains on all of "
          "cars_train and scores the final model.** Where the folders' machines differ, their minutes are not "
          "comparable (the same run's speed differs up to 3x between machines and days). 'epochs' is the "
          "study recipe's length at the campaign's input size; a row with fast flags ran the fast recipe with "

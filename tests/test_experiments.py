@@ -120,8 +120,8 @@ def test_smoke_run_writes_tables(smoke):
     assert "*.pt" in ignored and "*.png" not in ignored  # checkpoints stay out of git; curves.png is committed
     assert (run / "curves.png").exists() or importlib.util.find_spec("matplotlib") is None
     md = (out / "results.md").read_text()
-    assert "held-out part of the official train split, 96x64 photos, 1 epochs at 32 px: not comparable to the " \
-           "study's 83.79% at 227 px after its full training" in md
+    assert "cars_test (a held-out part of the official train split, not the official test set), 96x64 photos, " \
+           "1 epochs at 32 px: not comparable to the study's 83.79% at 227 px after its full training" in md
     assert "## Ablation ladder" in md and "## Architectures at the best recipe" in md
     row = next(ln for ln in md.splitlines() if ln.startswith("| (d) |"))
     assert "`d_c50_best`" in row and "not run" not in row

@@ -1,5 +1,6 @@
 """setup.py installs every top-level module the scripts import: a non-editable install, used from another
-folder, runs train.py's and export.py's imports (a py_modules list once left out augment and export)."""
+folder, runs train.py's and export.py's imports (a py_modules list once left out augment and export), and
+finds the recipes and the phone page (a plain install once had neither: `--recipe fast` failed)."""
 import os
 import subprocess
 import sys
@@ -28,6 +29,41 @@ def test_non_editable_install_imports_every_script(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert all(f.startswith(str(target)) for f in run.stdout.split()), run.stdout
+    # the folders that are no module: setup.py's data_files, found by common.project_dir
+    share = target / "share" / "ghostcars"
+    assert sorted(p.name for p in (share / "recipes").glob("*.yaml")) == \
+        sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+    assert all((share / "web" / f).is_file() for f in ("index.html", "app.js", "sw.js", "package.json"))
+    found = subprocess.run([sys.executable, "-c", "import config, webapp; print(config.RECIPES_DIR, webapp.WEB); "
+                            "print(' '.join(config.recipe_names())); "
+                            "print(config.from_command_line(['--recipe', 'fast']).cfg.train.lr)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-3000:]
+    dirs, names, lr = found.stdout.split("\n")[:3]
+    assert dirs.split() == [str(share / "recipes"), str(share / "web")]
+    assert names.split() == sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    assert float(lr) == _fast_recipe_lr()
+
+
+def _fast_recipe_lr() -> float:
+    import yaml
+    return float(yaml.safe_load((REPO / "recipes" / "fast.yaml").read_text())["train"]["lr"])
+
+
+def test_project_dir_finds_an_installed_copy(tmp_path, monkeypatch):
+    """A module installed without its folders beside it finds them under <data root>/share/ghostcars."""
+    import common
+    import sysconfig
+    fake_module = tmp_path / "site" / "common.py"
+    fake_module.parent.mkdir()
+    monkeypatch.setattr(common, "__file__", str(fake_module))
+    assert common.project_dir("recipes") == fake_module.parent / "recipes"  # neither: names the checkout's path
+    data_root = tmp_path / "prefix"
+    (data_root / "share" / "ghostcars" / "recipes").mkdir(parents=True)
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(data_root))
+    assert common.project_dir("recipes") == data_root / "share" / "ghostcars" / "recipes"
+    (fake_module.parent / "recipes").mkdir()
+    assert common.project_dir("recipes") == fake_module.parent / "recipes"  # a checkout wins
 
 
 def _project_imports(path: Path) -> set[str]:
