@@ -34,6 +34,7 @@ import argparse
 import email.parser
 import email.policy
 import json
+import re
 import socket
 import ssl
 import sys
@@ -49,6 +50,7 @@ from urllib.parse import unquote, urlsplit
 
 import predict
 import runs
+from common import project_dir
 
 
 class UploadError(Exception):
@@ -132,7 +134,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.site is not None:
             self.send_site_file(path)
         elif path == PAGE_PATH:
-            self.send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
+            self.send(HTTPStatus.OK, page().encode(), "text/html; charset=utf-8")
         elif path == "/health":
             self.send_json(HTTPStatus.OK, self.server.predictor.health())
         else:
@@ -383,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def page() -> str:
+    """PAGE with the on-device page's <style> block (web/index.html): both pages look the same, from one copy."""
+    html = (project_dir("web") / "index.html").read_text(encoding="utf-8")
+    style = re.search(r"<style>.*?</style>", html, re.S)
+    return PAGE.replace("__STYLE__", style.group(0) if style else "")
+
+
 # The page: one file, no build step, no outside requests. Two buttons, because on phones a file input
 # with `capture` opens the camera only, and one without it lets people pick from the gallery.
 PAGE = """<!doctype html>
@@ -391,29 +400,7 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Which car is this?</title>
-<style>
-  :root { --accent: #1f6feb; --bad: #b42318; font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }
-  body { margin: 0 auto; max-width: 34rem; padding: 1rem; color: #1b1f24; background: #f6f8fa; }
-  h1 { font-size: 1.5rem; margin: 0.2rem 0 0.2rem; }
-  p.hint { margin: 0 0 1rem; color: #57606a; }
-  .buttons { display: flex; gap: 0.6rem; flex-wrap: wrap; }
-  label.button { flex: 1 1 10rem; text-align: center; padding: 0.9rem; border-radius: 0.6rem; cursor: pointer;
-                 background: var(--accent); color: white; font-size: 1.1rem; font-weight: 600; }
-  label.button.secondary { background: white; color: var(--accent); border: 2px solid var(--accent); }
-  input[type=file] { position: absolute; width: 1px; height: 1px; opacity: 0; }
-  #preview { display: none; width: 100%; max-height: 45vh; object-fit: contain; margin-top: 1rem;
-             border-radius: 0.6rem; background: #d0d7de; }
-  #status { margin: 1rem 0 0.5rem; min-height: 1.4em; color: #57606a; }
-  #status.error { color: var(--bad); background: #fee4e2; padding: 0.7rem; border-radius: 0.5rem; }
-  ol { list-style: none; padding: 0; margin: 0; }
-  li { background: white; border-radius: 0.5rem; padding: 0.55rem 0.7rem; margin-bottom: 0.45rem; }
-  .row { display: flex; justify-content: space-between; gap: 0.5rem; }
-  .name { font-weight: 600; }
-  .pct { font-variant-numeric: tabular-nums; color: #57606a; white-space: nowrap; }
-  .bar { height: 0.45rem; background: #eaeef2; border-radius: 0.3rem; margin-top: 0.35rem; overflow: hidden; }
-  .bar > div { height: 100%; background: var(--accent); }
-  footer { margin-top: 1.2rem; font-size: 0.85rem; color: #57606a; }
-</style>
+__STYLE__
 </head>
 <body>
 <h1>Which car is this?</h1>

@@ -19,6 +19,7 @@ import serve
 from test_predict import EITHER, MUST_FAIL, car_image, make_bad, make_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
 UPLOAD_KINDS = [k for k in MUST_FAIL + EITHER if k not in ("missing", "empty_dir")]  # files, not paths
 
 
@@ -106,6 +107,10 @@ def test_real_photo_same_top5_as_predict(real_data, tmp_path, capsys):
 def test_page_health_and_nothing_else(server, ckpt):
     status, page = request(server, "GET", "/")
     assert status == 200 and b'accept="image/*"' in page and b'capture="environment"' in page
+    # one style for both pages: the on-device page's <style> block, not a copy that drifts
+    on_device = (REPO / "web" / "index.html").read_bytes()
+    style = on_device[on_device.index(b"<style>"):on_device.index(b"</style>")]
+    assert style in page and b"__STYLE__" not in page
     status, health = request(server, "GET", "/health")
     assert status == 200 and health == {"status": "ok", "model": str(ckpt), "classes": 7, "img_size": 64}
     for path in ["/serve.py", "/../serve.py", "/%2e%2e/%2e%2e/etc/passwd", "/runs/best.pt", "/predict"]:
