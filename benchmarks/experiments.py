@@ -159,6 +159,20 @@ def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS, fast_args: Sequen
     return exps
 
 
+def unpaired_batches(plans: list[Plan], jobs: int = 2) -> list[str]:
+    """The side-by-side batches of a recipes campaign that will train two runs of one recipe together (e.g.
+    `--only fast_s1 fast_s2`): their times are then no budget measurement, which results.md's table says after
+    the fact; said here before the hours are spent."""
+    notes = []
+    for i in range(0, len(plans), jobs):
+        todo = [p for p in plans[i:i + jobs] if state(p) != "done"]
+        if len(todo) > 1 and len({p.exp.step for p in todo}) == 1:
+            names = " and ".join(p.exp.name for p in todo)
+            notes.append(f"{names} train side by side, two runs of one recipe: their times will be no budget "
+                         f"measurement (pair each fast seed with its study twin, e.g. --only study_s1 fast_s1)")
+    return notes
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def show_path(p: Path) -> str:
     """A path as written in commands and tables: relative to the repository when it lies near it."""
@@ -1036,6 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> Path:  # the tables say when they were written, not when the campaign started
         now = datetime.datetime.now().isoformat(timespec="seconds")
         return write_tables(all_plans, args, {**env_info, "date": now})
+    if args.campaign == "recipes" and args.jobs > 1:
+        for w in unpaired_batches(plans):
+            print(f"note: {w}", file=sys.stderr)
     failed = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(plans), desc="experiments", unit="run", dynamic_ncols=True)

@@ -476,3 +476,15 @@ def test_describe_data_tells_the_thumbnails_from_the_crops(real_data):
     if (crops / "stanford_cars" / "devkit").exists():
         assert X.describe_data(crops).startswith("full-resolution crops")
     assert X.describe_data(real_data / "nothing_here") == "copy unknown"
+
+
+def test_two_runs_of_one_recipe_side_by_side_are_announced(tmp_path, monkeypatch):
+    """`--only fast_s1 fast_s2 --jobs 2` trains two fast runs together: a note says before the run that their
+    times will be no budget measurement; a seed's study and fast twins, or a batch with one run left, are fine."""
+    exps = {e.name: e for e in X.recipe_experiments(40)}
+    plans = lambda *names: [X.Plan(exps[n], tmp_path / n, [], []) for n in names]  # noqa: E731
+    monkeypatch.setattr(X, "state", lambda p: "done" if p.exp.name == "study_s2" else "empty")
+    notes = X.unpaired_batches(plans("fast_s1", "fast_s2"))
+    assert len(notes) == 1 and "fast_s1 and fast_s2" in notes[0] and "no budget measurement" in notes[0]
+    assert X.unpaired_batches(plans("study_s0", "fast_s0", "study_s1", "fast_s1")) == []
+    assert X.unpaired_batches(plans("study_s1", "study_s2")) == []  # study_s2 is done: study_s1 runs alone
