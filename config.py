@@ -26,7 +26,6 @@ from common import UsageError, project_dir
 
 from images import ImageSize
 
-REPO = Path(__file__).resolve().parent
 RECIPES_DIR = project_dir("recipes")  # recipes/ in a checkout; share/ghostcars/recipes after `pip install .`
 AUG_NAMES = ("flip", "affine", "jitter", "rotation", "perspective", "resized_crop")  # augment.py's
 # a replayed config.json is a new run: these name the run, not how it trains

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import functools
 import json
 import re
 import socket
@@ -385,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@functools.cache  # one file read, not one per request
 def page() -> str:
     """PAGE with the on-device page's <style> block (web/index.html): both pages look the same, from one copy."""
     html = (project_dir("web") / "index.html").read_text(encoding="utf-8")

@@ -159,7 +159,7 @@ def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS, fast_args: Sequen
     return exps
 
 
-def unpaired_batches(plans: list[Plan], jobs: int = 2) -> list[str]:
+def unpaired_batches(plans: list[Plan], jobs: int) -> list[str]:
     """The side-by-side batches of a recipes campaign that will train two runs of one recipe together (e.g.
     `--only fast_s1 fast_s2`): their times are then no budget measurement, which results.md's table says after
     the fact; said here before the hours are spent."""
@@ -479,13 +479,15 @@ def describe_data(data: Path) -> str:
     return "full-resolution crops (each photo cropped to its car)" if max(w, h) > 128 else f"{w}x{h} photos"
 
 
+# This copy's cars_test is the data README's held-out quarter of the official *train* split, not the official
+# test set: the tables' headers say both names so neither reads as the official test accuracy.
+CARS_TEST = "cars_test (a held-out part of the official train split, not the official test set)"
+
+
 def label(args: argparse.Namespace) -> str:
     fast = args.fast_args if args.campaign == "recipes" else ""
     budget = f"{args.epochs} epochs at {args.img_size} px" + (f" (fast runs: `{fast}`)" if fast else "")
-    # This copy's cars_test is the data README's held-out quarter of the official *train* split, not the
-    # official test set: the header says both names so neither reads as the official test accuracy.
-    return (f"cars_test (a held-out part of the official train split, not the official test set), "
-            f"{describe_data(args.data)}, {budget}: "
+    return (f"{CARS_TEST}, {describe_data(args.data)}, {budget}: "
             f"not comparable to the study's {STUDY_BEST} at 227 px after its full training")
 
 
@@ -730,8 +732,7 @@ def budget_curve(folders: list[Path], out: Path) -> int:
         groups.setdefault((p["fast_args"], p["recipe"], p["epochs"]), []).append(p)
     rows = sorted({(v, e) for v, _, e in groups})  # plain campaigns ("" sorts first), then by length
     L = ["# Budget curve: cars_test top-1 against training time", "",
-         f"**cars_test (a held-out part of the official train split, not the official test set), "
-         f"{' + '.join(sorted(copies))}; each point trains on all of "
+         f"**{CARS_TEST}, {' + '.join(sorted(copies))}; each point trains on all of "
          "cars_train and scores the final model.** Where the folders' machines differ, their minutes are not "
          "comparable (the same run's speed differs up to 3x between machines and days). 'epochs' is the "
          "study recipe's length at the campaign's input size; a row with fast flags ran the fast recipe with "
@@ -1051,7 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
         now = datetime.datetime.now().isoformat(timespec="seconds")
         return write_tables(all_plans, args, {**env_info, "date": now})
     if args.campaign == "recipes" and args.jobs > 1:
-        for w in unpaired_batches(plans):
+        for w in unpaired_batches(plans, args.jobs):
             print(f"note: {w}", file=sys.stderr)
     failed = []
     t0 = time.perf_counter()

@@ -484,7 +484,7 @@ def test_two_runs_of_one_recipe_side_by_side_are_announced(tmp_path, monkeypatch
     exps = {e.name: e for e in X.recipe_experiments(40)}
     plans = lambda *names: [X.Plan(exps[n], tmp_path / n, [], []) for n in names]  # noqa: E731
     monkeypatch.setattr(X, "state", lambda p: "done" if p.exp.name == "study_s2" else "empty")
-    notes = X.unpaired_batches(plans("fast_s1", "fast_s2"))
+    notes = X.unpaired_batches(plans("fast_s1", "fast_s2"), 2)
     assert len(notes) == 1 and "fast_s1 and fast_s2" in notes[0] and "no budget measurement" in notes[0]
-    assert X.unpaired_batches(plans("study_s0", "fast_s0", "study_s1", "fast_s1")) == []
-    assert X.unpaired_batches(plans("study_s1", "study_s2")) == []  # study_s2 is done: study_s1 runs alone
+    assert X.unpaired_batches(plans("study_s0", "fast_s0", "study_s1", "fast_s1"), 2) == []
+    assert X.unpaired_batches(plans("study_s1", "study_s2"), 2) == []  # study_s2 is done: study_s1 runs alone

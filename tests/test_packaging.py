@@ -42,12 +42,8 @@ def test_non_editable_install_imports_every_script(tmp_path):
     dirs, names, lr = found.stdout.split("\n")[:3]
     assert dirs.split() == [str(share / "recipes"), str(share / "web")]
     assert names.split() == sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-    assert float(lr) == _fast_recipe_lr()
-
-
-def _fast_recipe_lr() -> float:
-    import yaml
-    return float(yaml.safe_load((REPO / "recipes" / "fast.yaml").read_text())["train"]["lr"])
+    import config
+    assert float(lr) == config.read_file(REPO / "recipes" / "fast.yaml")["lr"]
 
 
 def test_project_dir_finds_an_installed_copy(tmp_path, monkeypatch):
