@@ -6,7 +6,7 @@
 # --recipe fast (fast128_45ep_* and fast96_42ep_*: version 5, shape and length given): replay one exactly with
 # `python train.py --config <run>/config.json`.
 # lr2.5e-3_*: version 6 with --lr 2.5e-3 (which became version 7); the runs before it used 5e-3.
-# lr1.25e-3_*, wd0.2_*: version 7 with the one flag their names say.
+# lr1.25e-3_*, wd0.2_*: version 7 with the one flag their names say; wd0.5_*: version 8 with it.
 set -u
 cd "$(dirname "$0")/../../.."
 OUT=benchmarks/results/crops_search
