@@ -159,13 +159,18 @@ def recipe_experiments(epochs: int, seeds: int = RECIPE_SEEDS, fast_args: Sequen
     return exps
 
 
+def batches(plans: list[Plan], jobs: int) -> list[list[Plan]]:
+    """The campaign's side-by-side batches: `jobs` consecutive plans at a time, in order."""
+    return [plans[i:i + jobs] for i in range(0, len(plans), jobs)]
+
+
 def unpaired_batches(plans: list[Plan], jobs: int) -> list[str]:
     """The side-by-side batches of a recipes campaign that will train two runs of one recipe together (e.g.
     `--only fast_s1 fast_s2`): their times are then no budget measurement, which results.md's table says after
     the fact; said here before the hours are spent."""
     notes = []
-    for i in range(0, len(plans), jobs):
-        todo = [p for p in plans[i:i + jobs] if state(p) != "done"]
+    for batch in batches(plans, jobs):
+        todo = [p for p in batch if state(p) != "done"]
         if len(todo) > 1 and len({p.exp.step for p in todo}) == 1:
             names = " and ".join(p.exp.name for p in todo)
             notes.append(f"{names} train side by side, two runs of one recipe: their times will be no budget "
@@ -1058,8 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     bar = tqdm(total=len(plans), desc="experiments", unit="run", dynamic_ncols=True)
     try:
-        for i in range(0, len(plans), args.jobs):
-            batch = plans[i:i + args.jobs]
+        for batch in batches(plans, args.jobs):
             bar.set_postfix_str(" + ".join(p.exp.name for p in batch))
             if len(batch) == 1:
                 ok = [run_one(batch[0], args, env, tqdm.write)]
