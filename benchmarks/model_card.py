@@ -5,7 +5,8 @@ top-1 / top-5 as mean ± sd over the campaign's seeds, and the pairs of car mode
         --out docs/model_card.md
 
 Reads the campaign's results.json and, in each run folder of the recipe, config.json and evaluate_test.json
-(committed) and confusion.csv (evaluate.py's per-class counts, kept out of git: run it where the campaign ran).
+(committed) and confusion.csv (evaluate.py's per-class counts; committed by campaigns since crops_40ep_v9, kept
+out of git before it: for an older campaign, run this where it ran).
 The confused pairs are counted over all seeds of the recipe, both directions together, so a pair is a
 property of the recipe rather than of one seed's luck.
 """
@@ -82,8 +83,8 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path
     for r in runs:
         p = folder / r["name"] / "confusion.csv"
         if not p.exists():
-            raise SystemExit(f"error: {p} is missing (kept out of git); run this where the campaign ran, or "
-                             f"evaluate the run's final.pt again with evaluate.py")
+            raise SystemExit(f"error: {p} is missing (campaigns before crops_40ep_v9 kept it out of git); run this "
+                             f"where the campaign ran, or evaluate the run's final.pt again with evaluate.py")
         names, m = read_confusion(p)
         matrices.append(m)
     summary = X.recipe_summary(res["experiments"])[recipe]

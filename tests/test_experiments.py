@@ -118,7 +118,8 @@ def test_smoke_run_writes_tables(smoke):
     for f in ("config.json", "metrics.csv", X.EVAL_JSON, X.RECORD, "train.log", "best.pt"):
         assert (run / f).exists(), f
     ignored = (out / ".gitignore").read_text()
-    assert "*.pt" in ignored and "*.png" not in ignored  # checkpoints stay out of git; curves.png is committed
+    # checkpoints stay out of git; curves.png and confusion.csv (the model card's source) are committed
+    assert "*.pt" in ignored and "*.png" not in ignored and "confusion.csv" not in ignored
     assert (run / "curves.png").exists() or importlib.util.find_spec("matplotlib") is None
     md = (out / "results.md").read_text()
     assert "cars_test (a held-out part of the official train split, not the official test set), 96x64 photos, " \
