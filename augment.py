@@ -96,22 +96,26 @@ def perspective_matrices(coeffs: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 
 def warp(images: torch.Tensor, M: torch.Tensor, mode: str = "nearest",
-         crop: torch.Tensor | None = None) -> torch.Tensor:
+         crop: torch.Tensor | None = None, out_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """One grid_sample for a whole batch. images float (B, C, H, W); M (B, 3, 3) maps output -> input centred
     pixel coordinates (projective). crop (B, 4) = top, left, height, width of a resized crop applied last: the
     output is first mapped into the crop (clamped to it, as F.interpolate does at its edges), then through M.
+    out_hw: the output's (height, width), other than the input's only with a crop (which is resampled to it).
     Out-of-image pixels are 0; bilinear also multiplies by the warped coverage mask, like torchvision's fill."""
     B, C, H, W = images.shape
+    Ho, Wo = out_hw or (H, W)
+    if (Ho, Wo) != (H, W) and crop is None:
+        raise ValueError(f"warp: an output of {Ho}x{Wo} from {H}x{W} images needs a resized crop")
     dev = images.device
     M = M.to(torch.float64)
-    xs = torch.linspace((1 - W) * 0.5, (W - 1) * 0.5, W, device=dev).expand(B, W)
-    ys = torch.linspace((1 - H) * 0.5, (H - 1) * 0.5, H, device=dev).expand(B, H)
+    xs = torch.linspace((1 - Wo) * 0.5, (Wo - 1) * 0.5, Wo, device=dev).expand(B, Wo)
+    ys = torch.linspace((1 - Ho) * 0.5, (Ho - 1) * 0.5, Ho, device=dev).expand(B, Ho)
     if crop is not None:
         top, left, ch, cw = (crop[:, k].to(dev, torch.float32)[:, None] for k in range(4))
-        # output centred -> crop-local pixel (F.interpolate, align_corners=False): (x + W/2) * cw/W - 0.5;
+        # output centred -> crop-local pixel (F.interpolate, align_corners=False): (x + Wo/2) * cw/Wo - 0.5;
         # separable, so the clamp to the crop is done on the 1-D coordinate vectors
-        xs = torch.minimum(((xs + W / 2) * (cw / W) - 0.5).clamp_min(0), cw - 1)
-        ys = torch.minimum(((ys + H / 2) * (ch / H) - 0.5).clamp_min(0), ch - 1)
+        xs = torch.minimum(((xs + Wo / 2) * (cw / Wo) - 0.5).clamp_min(0), cw - 1)
+        ys = torch.minimum(((ys + Ho / 2) * (ch / Ho) - 0.5).clamp_min(0), ch - 1)
         # crop-local -> centred coordinates of the image before the crop, folded into M
         shift = torch.eye(3, dtype=torch.float64).repeat(B, 1, 1)
         shift[:, 0, 2] = crop[:, 1].to(torch.float64) - (W - 1) / 2
@@ -127,7 +131,7 @@ def warp(images: torch.Tensor, M: torch.Tensor, mode: str = "nearest",
     def row(k: int) -> torch.Tensor:
         return (m[:, k, 0, None, None] * xs + m[:, k, 2, None, None]) + m[:, k, 1, None, None] * ys
 
-    grid = torch.empty(B, H, W, 2, device=dev)
+    grid = torch.empty(B, Ho, Wo, 2, device=dev)
     if projective:
         z = row(2)
         torch.div(row(0), z, out=grid[..., 0]).mul_(2.0 / W)
@@ -291,8 +295,11 @@ class BatchTransform:
     else nearest (the reference's flip+affine are nearest, torchvision's RandomAffine default)."""
 
     def __init__(self, prep: Preprocess, augment: dict | Sequence[str] | None = None,
-                 erase: dict | None = None) -> None:
+                 erase: dict | None = None, out_hw: tuple[int, int] | None = None) -> None:
+        """out_hw: the (height, width) of the batches made; None keeps each input's. Training images decoded
+        larger than out_hw (--train-decode-scale) are brought to it by the resized crop."""
         self.prep = prep
+        self.out_hw = tuple(out_hw) if out_hw is not None else None
         self.augment = resolve_augment(augment)
         self.erase = {**_erase_params(AugmentConfig()), **erase} if erase is not None else None
         geo = [n for n in GEOMETRIC if n in self.augment and n != "flip"]
@@ -303,8 +310,10 @@ class BatchTransform:
         self._pool: ThreadPoolExecutor | None = None
 
     # parameters ------------------------------------------------------------------------------------------
-    def sample_params(self, B: int, H: int, W: int, g: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """All random parameters of one batch, drawn on the CPU from `g` (reproducible from seed and epoch)."""
+    def sample_params(self, B: int, H: int, W: int, g: torch.Generator | None = None,
+                      out_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """All random parameters of one batch, drawn on the CPU from `g` (reproducible from seed and epoch).
+        H, W: the input images' size (the geometric ops act on it); out_hw: the output's, where erasing acts."""
         a, p = self.augment, {}
         if "flip" in a:
             p["flip"] = torch.rand(B, generator=g, dtype=torch.float64) < a["flip"]["p"]
@@ -379,9 +388,10 @@ class BatchTransform:
             p["jitter_order"] = torch.argsort(torch.rand(B, 4, generator=g), 1)
         if self.erase is not None:
             c = self.erase
-            h, w, found = _sample_box(B, H, W, c["scale"], c["ratio"], g, erase_rule=True)
-            i = _randint(torch.zeros_like(h), (H - h + 1).clamp_min(1), g)
-            j = _randint(torch.zeros_like(w), (W - w + 1).clamp_min(1), g)
+            Ho, Wo = out_hw or (H, W)
+            h, w, found = _sample_box(B, Ho, Wo, c["scale"], c["ratio"], g, erase_rule=True)
+            i = _randint(torch.zeros_like(h), (Ho - h + 1).clamp_min(1), g)
+            j = _randint(torch.zeros_like(w), (Wo - w + 1).clamp_min(1), g)
             on = found & (torch.rand(B, generator=g, dtype=torch.float64) < c["p"])
             p["erase"] = torch.stack([i, j, torch.where(on, h, 0), torch.where(on, w, 0)], 1)
         return p
@@ -415,10 +425,14 @@ class BatchTransform:
             raise DataError(f"BatchTransform expects uint8 (B, C, H, W) images, got {images.dtype} "
                             f"{tuple(images.shape)}")
         B, C, H, W = images.shape
+        Ho, Wo = self.out_hw or (H, W)
+        if (Ho, Wo) != (H, W) and not (train and "resized_crop" in self.augment):
+            raise DataError(f"BatchTransform: {W}x{H} images, {Wo}x{Ho} wanted: only the training resized crop "
+                            f"changes the size (images decoded with --train-decode-scale go through it)")
         dev = images.device
-        p = self.sample_params(B, H, W, generator) if train and (self.augment or self.erase) else {}
+        p = self.sample_params(B, H, W, generator, (Ho, Wo)) if train and (self.augment or self.erase) else {}
         M = self.matrices(p, B, H, W) if p else None
-        out = torch.empty(B, C, H, W, device=dev)
+        out = torch.empty(B, C, Ho, Wo, device=dev)
         scale, shift = self.prep.scale_shift(dev)
 
         # Grad and inference mode are thread-local: the pool's threads must run in the caller's, or `out`,
@@ -435,7 +449,7 @@ class BatchTransform:
                 x = x.mul_(1.0 / 255)  # the colour ops clamp to [0, 1] like torchvision's float kernels
                 if M is not None:
                     crop = p["resized_crop"][sl] if "resized_crop" in p else None
-                    x = warp(x, M[sl], self.mode, crop)
+                    x = warp(x, M[sl], self.mode, crop, (Ho, Wo))
                 if "jitter" in p:
                     x = color_jitter(x, p["jitter"][sl].to(dev), p["jitter_order"][sl])
                 x = x.mul_(255.0)

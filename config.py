@@ -151,6 +151,10 @@ class DataConfig:
     test_crop: float = opt(1.0, "validation, evaluation and prediction keep this fraction of each side around the "
                            "image's centre (1 = the whole image, the study's); training images stay whole",
                            metavar="FRACTION")
+    train_decode_scale: float = opt(1.0, "training photos are decoded at this multiple of --img-size, so that each "
+                                    "random resized crop is resampled down to --img-size, as sharp as the test photos, "
+                                    "not up from a whole photo already shrunk to it (1 = at --img-size; needs "
+                                    "resized_crop)", metavar="FACTOR")
 
 
 @dataclass
@@ -475,6 +479,12 @@ def check(cfg: Config) -> None:
     for k in ("batch_size", "epochs"):
         if getattr(t, k) < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(t, k)})")
+    d = cfg.data
+    if not 1 <= d.train_decode_scale <= 4:
+        raise ConfigError(f"--train-decode-scale must lie in [1, 4] (got {d.train_decode_scale:g})")
+    if d.train_decode_scale != 1 and "resized_crop" not in cfg.augment.augment:
+        raise ConfigError(f"--train-decode-scale {d.train_decode_scale:g} needs the resized_crop augmentation (it "
+                          f"resamples the larger photos to --img-size); add it to --augment or use 1")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"--label-smoothing must lie in [0, 1) (got {t.label_smoothing})")
     if not 0 <= cfg.model.dropout < 1:

@@ -217,9 +217,14 @@ class Preprocess:
                 # the key only where it changes pixels, so whole-image caches keep their names
                 **({"test_crop": self.test_crop} if self.test_crop != 1.0 else {})}
 
-    def for_training(self) -> "Preprocess":
-        """The preprocessing of training images: whole images (the random crops come later, per batch)."""
-        return replace(self, test_crop=1.0)
+    def for_training(self, decode_scale: float = 1.0) -> "Preprocess":
+        """The preprocessing of training images: whole images (the random crops come later, per batch), decoded at
+        decode_scale x the input size, so that a random resized crop cut from them is resampled down to the input
+        size rather than up (see --train-decode-scale)."""
+        if decode_scale == 1.0:
+            return replace(self, test_crop=1.0)
+        h, w = (max(MIN_SIDE, round(side * decode_scale)) for side in self.hw)
+        return replace(self, test_crop=1.0, img_size=h if h == w else (h, w))
 
 
 def preprocess_of(d) -> Preprocess:

@@ -64,8 +64,8 @@ def load_data(cfg: C.Config, env: Setup) -> Data:
         print(f"data: {spec.note}")
     print(f"data: {spec.root} ({spec.layout}), {len(spec.class_names)} classes, "
           f"{len(train_records)} train, {len(val_records)} {val_name}")
-    train_data = images.decode_cached(train_records, prep.for_training(), cache_dir=r.cache_dir, workers=r.workers,
-                                      desc="train")
+    train_data = images.decode_cached(train_records, prep.for_training(cfg.data.train_decode_scale),
+                                      cache_dir=r.cache_dir, workers=r.workers, desc="train")
     val_data = (images.decode_cached(val_records, prep, cache_dir=r.cache_dir, workers=r.workers, desc="val")
                 if val_records else images.Decoded(torch.empty(0, prep.channels, *prep.hw, dtype=torch.uint8),
                                                    torch.empty(0, dtype=torch.long), []))
@@ -86,4 +86,4 @@ def load_data(cfg: C.Config, env: Setup) -> Data:
     train_loader = batches.BatchLoader(train_data, t.batch_size, shuffle=True, drop_last=drop_last, **shard)
     val_loader = batches.BatchLoader(val_data, t.batch_size, shuffle=False, drop_last=False, **shard)
     return Data(spec, prep, augment, erase, train_data, val_data, train_loader, val_loader,
-                BatchTransform(prep, augment, erase))
+                BatchTransform(prep, augment, erase, out_hw=prep.hw))

@@ -203,6 +203,45 @@ def test_a_test_crop_cuts_validation_images_and_leaves_training_images_whole(tin
     assert not torch.equal(images.load_image(first_val, whole), images.load_image(first_val, centre))
 
 
+def test_train_decode_scale_caches_larger_training_photos_and_crops_them_to_the_input_size(tiny):
+    """--train-decode-scale 1.5: training photos are decoded at 48 px for a 32 px input (validation photos stay
+    at 32, with their test crop), and each training batch comes out at 32 px, every image its random box of the
+    48 px photo resampled down as F.interpolate would; without resized_crop the option is a one-line error."""
+    import torch.nn.functional as F
+    data_dir, cache = tiny
+    args = ["--data", str(data_dir), "--cache-dir", str(cache), "--recipe", "fast", "--img-size", "32",
+            "--train-decode-scale", "1.5"]
+    cfg = config.from_command_line(args).cfg
+    config.check(cfg)
+    env = distributed.Setup(rank=0, world=1, local_rank=0, ddp=False, device=torch.device("cpu"), backend=None,
+                            ghost_op="torch", amp_dtype=None, scaler=None)
+    d = loaders.load_data(cfg, env)
+    assert tuple(d.train.images.shape[2:]) == (48, 48) and tuple(d.val.images.shape[2:]) == (32, 32)
+    assert torch.equal(torch.as_tensor(np.array(d.train.images[0])),
+                       images.load_image(d.train.paths[0], d.prep.for_training(1.5)))
+    assert torch.equal(torch.as_tensor(np.array(d.val.images[0])), images.load_image(d.val.paths[0], d.prep))
+
+    u8 = torch.as_tensor(np.array(d.train.images[:6]))
+    x = d.transform(u8, train=True, generator=torch.Generator().manual_seed(7))
+    assert x.shape == (6, 3, 32, 32)
+    box = d.transform.sample_params(6, 48, 48, torch.Generator().manual_seed(7), (32, 32))
+    scale, shift = d.prep.scale_shift()
+    for i in range(6):
+        top, left, h, w = box["resized_crop"][i].tolist()
+        photo = u8[i:i + 1].flip(-1) if box["flip"][i] else u8[i:i + 1]  # the box lies in the flipped photo
+        ref = F.interpolate(photo[:, :, top:top + h, left:left + w].float(), size=(32, 32), mode="bilinear",
+                            align_corners=False)
+        assert torch.allclose(x[i:i + 1], ref * scale + shift, atol=1e-3), i
+    with pytest.raises(images.DataError, match="train-decode-scale"):  # evaluation never resizes
+        d.transform(u8, train=False)
+
+    bad = config.from_command_line(args + ["--augment", "flip", "affine"]).cfg
+    with pytest.raises(config.ConfigError, match="needs the resized_crop"):
+        config.check(bad)
+    with pytest.raises(config.ConfigError, match=r"\[1, 4\]"):
+        config.check(config.from_command_line(args[:-1] + ["0.5"]).cfg)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact_with_ema_and_per_step_schedule(tmp_path, tiny):
     data_dir, cache = tiny
@@ -250,7 +289,8 @@ STUDY_VALUES = dict(
     gamma=0.1, exp_base=0.975, plateau_factor=0.1, plateau_patience=10, min_lr=0.0, warmup_epochs=0.0, ema=0.0,
     wd_norm_bias=True, patience=15, early_stop_on="val_loss", amp=None, amp_dtype="auto", channels_last=False,
     compile=False, crop_bbox=False, bbox_margin=0.0, erase_background=False, grayscale=False, no_normalize=False,
-    mean=None, std=None, val_split=0.0, val_seed=None, validate=True, test_crop=1.0, augment=["flip", "affine", "jitter"], flip_p=0.5, degrees=25.0,
+    mean=None, std=None, val_split=0.0, val_seed=None, validate=True, test_crop=1.0, train_decode_scale=1.0,
+    augment=["flip", "affine", "jitter"], flip_p=0.5, degrees=25.0,
     translate=[0.1, 0.1], scale=[0.9, 1.1], shear=[8.0], jitter=[0.2, 0.2, 0.2, 0.1], rotation_degrees=15.0,
     perspective_scale=0.5, perspective_p=0.5, crop_scale=[0.08, 1.0], crop_ratio=[0.75, 4 / 3], interpolation="auto",
     erase=False, erase_p=0.5, erase_scale=[0.02, 0.33], erase_ratio=[0.3, 3.3], erase_value=0.0)

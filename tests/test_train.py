@@ -170,8 +170,10 @@ def test_no_validate_looks_at_no_held_out_image(tmp_path, tiny_data, cache_dir):
 
 @pytest.mark.slow
 def test_no_validate_resumes_exactly_after_sigkill(tmp_path, tiny_data, cache_dir):
+    # with --train-decode-scale too: the random boxes are drawn on the larger photos, from the same generator
     common = ["--data", tiny_data, "--out", tmp_path, "--cache-dir", cache_dir, "--img-size", 32, "--batch-size", 8,
-              "--epochs", 3, "--deterministic", "--device", "cpu", "--seed", 3, "--recipe", "fast", "--no-validate"]
+              "--epochs", 3, "--deterministic", "--device", "cpu", "--seed", 3, "--recipe", "fast", "--no-validate",
+              "--train-decode-scale", 1.5]
     full = run_train(*common, "--name", "full")
     assert full.returncode == 0, full.stderr
     kill_inside_epoch_2(common, tmp_path / "cut")

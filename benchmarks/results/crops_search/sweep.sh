@@ -7,6 +7,7 @@
 # `python train.py --config <run>/config.json`.
 # lr2.5e-3_*: version 6 with --lr 2.5e-3 (which became version 7); the runs before it used 5e-3.
 # lr1.25e-3_*, wd0.2_*: version 7 with the one flag their names say; wd0.5_*: version 8 with it.
+# dec1.5_*: version 9 with --train-decode-scale 1.5.
 set -u
 cd "$(dirname "$0")/../../.."
 OUT=benchmarks/results/crops_search
