@@ -144,6 +144,7 @@ def test_recipe_presets_and_explicit_flags():
     assert parse(["--recipe", "fast", "--img-size", "128x64"])[0].img_size == [64, 128]  # the user's size still wins
     demo, _ = parse(["--recipe", "fast", "--demo"])
     assert demo.img_size == DEMO["img_size"] and demo.ema == FAST["ema"]
+    config.check(config.from_command_line(["--recipe", "fast", "--demo"]).cfg)  # its flips need no decode scale
 
 
 @pytest.fixture(scope="module")
