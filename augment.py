@@ -5,6 +5,8 @@ very tensors of images.Preprocess.scale_shift that inference uses (Preprocess.to
 predict.py and export.py never import this module.
 
     BatchTransform(prep, augment, erase)(uint8 (B, C, S, S), train=True, generator=g) -> float32 batch
+    BatchTransform(prep, augment, erase, out_hw=(s, s))(uint8 (B, C, S, S), ...) -> (B, C, s, s): training photos
+        decoded larger than the input (--train-decode-scale), the resized crop resampling each box down to s x s
 
 augment_from_config turns the augment section of a run's configuration (config.AugmentConfig, where every
 default lives) into the parameters BatchTransform takes.
