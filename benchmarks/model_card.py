@@ -111,7 +111,9 @@ def model_card(folder: Path, recipe: str, shipped: str, top: int = 10, out: Path
          f"{opts['epochs']} epochs at {size} (width x height), batch {opts['batch_size']}, "
          f"{opts['optimizer']} lr {opts['lr']:g}, weight decay {opts['wd']:g}, {opts['scheduler']} schedule, "
          f"EMA {opts.get('ema')}, label smoothing {opts.get('label_smoothing')}, dropout {opts.get('dropout')}, "
-         f"augmentation {' + '.join(opts.get('augment') or [])}; evaluated on the central "
+         f"augmentation {' + '.join(opts.get('augment') or [])}"
+         + (f" (training photos decoded at {opts['train_decode_scale']:g}x the input)"
+            if opts.get("train_decode_scale", 1) != 1 else "") + "; evaluated on the central "
          f"{opts.get('test_crop', 1)} of each side",
          f"- time: {minutes_text} of training per run ({env.get('cpu', '?')}, {env.get('threads', '?')} "
          f"thread(s) per run, {side}); the campaign's budget: the study recipe's {settings.get('epochs')} epochs "
