@@ -221,10 +221,8 @@ class Preprocess:
         """The preprocessing of training images: whole images (the random crops come later, per batch), decoded at
         decode_scale x the input size, so that a random resized crop cut from them is resampled down to the input
         size rather than up (see --train-decode-scale)."""
-        if decode_scale == 1.0:
-            return replace(self, test_crop=1.0)
-        h, w = (max(MIN_SIDE, round(side * decode_scale)) for side in self.hw)
-        return replace(self, test_crop=1.0, img_size=h if h == w else (h, w))
+        h, w = (round(side * decode_scale) for side in self.hw)
+        return replace(self, test_crop=1.0, img_size=(h, w))  # __post_init__ keeps a square as its int
 
 
 def preprocess_of(d) -> Preprocess:
